@@ -1,0 +1,1 @@
+"""Pure tensor attention ops (torch, triton). Never imports megatron or deepspeed."""

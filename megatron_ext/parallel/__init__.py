@@ -1,0 +1,1 @@
+"""Context parallelism. The process group is always an argument; no megatron/deepspeed imports."""
