@@ -14,11 +14,12 @@ import os
 import random
 import sys
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede any triton import on CPU
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede any triton import on CPU
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 _real_empty = torch.empty
 _real_empty_like = torch.empty_like

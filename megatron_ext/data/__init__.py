@@ -1,0 +1,1 @@
+"""Data: the embedded corpus, the shipped tokenizer, and packing with document boundaries."""
