@@ -22,7 +22,13 @@ from collections.abc import Iterator
 import torch
 import torch.distributed as dist
 
-from megatron_ext.config import RunConfig, TrainConfig, add_config_args, config_from_args, dump_config
+from megatron_ext.config import (
+    RunConfig,
+    TrainConfig,
+    add_config_args,
+    config_from_args,
+    dump_config,
+)
 from megatron_ext.dist import destroy_distributed, init_distributed, is_main, print0
 
 

@@ -58,7 +58,7 @@ class ExtCoreAttention(MegatronModule):
             )
         p = config.attention_dropout if attention_dropout is None else attention_dropout
         if p:
-            raise ValueError(f"attention_dropout={p}: not supported by the blockwise kernels; use 0")
+            raise ValueError(f"attention_dropout={p}: not supported by these kernels; use 0")
         self.layer_number = layer_number
         self.softmax_scale = softmax_scale
         self.rope = rope
