@@ -510,3 +510,19 @@ __all__ = [
     "RopeScalingConfig", "RunConfig", "TrainConfig", "add_config_args", "config_from_args",
     "config_from_dict", "dump_config", "load_config", "parse_override",
 ]
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """`python -m megatron_ext.config [--config RUN.yaml] [--set k=v ...]`: print the resolved
+    config, or the error that would stop a run."""
+    parser = argparse.ArgumentParser(description="Validate a run config and print it resolved.")
+    add_config_args(parser)
+    args = parser.parse_args(argv)
+    try:
+        print(dump_config(config_from_args(args)), end="")
+    except ConfigError as e:
+        raise SystemExit(f"config error: {e}") from None
+
+
+if __name__ == "__main__":
+    main()

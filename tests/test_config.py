@@ -213,3 +213,17 @@ def test_hybrid_presets_resolve() -> None:
     assert cfg.attention.hybrid is not None
     assert cfg.attention.hybrid.resolve(4) == ["rope_chunked"] * 3 + ["nope_full"]
     assert cfg.attention.hybrid.use_temperature
+
+
+def test_cli_prints_resolved_or_error() -> None:
+    import subprocess
+    import sys
+
+    ok = subprocess.run([sys.executable, "-m", "megatron_ext.config", "--config",
+                         str(REPO / "configs/run/tiny.yaml"), "--set", "train.steps=3"],
+                        capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0 and "steps: 3" in ok.stdout
+    bad = subprocess.run([sys.executable, "-m", "megatron_ext.config", "--set", "train.stpes=3"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 1
+    assert "config error: unknown config key 'train.stpes'; did you mean 'steps'?" in bad.stderr
