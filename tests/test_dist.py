@@ -1,8 +1,8 @@
 """Distributed init: launcher env parsing (faked environments) and real 2-process launches.
 
 The unit tests feed `read_launcher_env` the exact variables each launcher sets; the
-`distributed` tests start tests/dist/smoke.py under torchrun, the deepspeed launcher and Open
-MPI's mpirun and assert that both ranks agree on rank, world size, backend and an all-reduce.
+`distributed` tests start tests/dist/smoke.py under torchrun, the deepspeed launcher, Open MPI's
+mpirun and SLURM's srun (a one-node cluster from launch/slurm_local_cluster.sh) and assert that both ranks agree on rank, world size, backend and an all-reduce.
 """
 
 from __future__ import annotations
@@ -184,3 +184,19 @@ def test_deepspeed_launcher_two_ranks(tmp_path: Path) -> None:
          _clean_env(tmp_path))
     results = _check(tmp_path, "deepspeed")
     assert all(any(a.startswith("--local_rank") for a in r["argv"]) for r in results)
+
+
+def _slurm_up() -> bool:
+    if shutil.which("sinfo") is None or shutil.which("srun") is None:
+        return False
+    proc = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True)
+    return proc.returncode == 0 and any(s in proc.stdout for s in ("idle", "mix", "alloc"))
+
+
+@pytest.mark.distributed
+@pytest.mark.skipif(not _slurm_up(), reason="no SLURM cluster (launch/slurm_local_cluster.sh)")
+def test_srun_two_ranks(tmp_path: Path) -> None:
+    # --mpi=none: our init needs only SLURM's own variables, no PMI/MPI
+    _run(["srun", "-n", "2", "--mpi=none", "--kill-on-bad-exit=1", sys.executable, str(SMOKE)],
+         _clean_env(tmp_path))
+    _check(tmp_path, "slurm")
