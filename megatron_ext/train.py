@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import math
 import time
+import warnings
 from collections.abc import Iterator
 
 import torch
@@ -211,7 +212,20 @@ def train(cfg: RunConfig, *, progress: bool = True) -> dict[str, float]:
     return {"train_loss": train_loss, "eval_loss": eval_loss}
 
 
+_KNOWN_HARMLESS_WARNINGS = (
+    r"Transformer Engine and Apex are not installed",  # local (non-TE) Megatron modules
+    r"Apex is not installed",
+    r"full scope is deprecated",  # megatron-core 0.16 default cuda_graph_scope
+)
+
+
+def _quiet_known_warnings() -> None:
+    for pattern in _KNOWN_HARMLESS_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
+
+
 def main(argv: list[str] | None = None) -> None:
+    _quiet_known_warnings()
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_config_args(parser)
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
