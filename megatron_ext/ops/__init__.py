@@ -1,5 +1,48 @@
 """Pure tensor attention ops (torch, triton). Never imports megatron or deepspeed."""
 
+from megatron_ext.ops.attention import attention_func
 from megatron_ext.ops.attention_ref import attention_ref
+from megatron_ext.ops.coca import (
+    coca_attn_func,
+    coca_attn_ref,
+    coca_key_prologue,
+    coca_query_prologue,
+    coca_tau,
+)
+from megatron_ext.ops.dual_chunk import (
+    dual_chunk_attn_func,
+    dual_chunk_attn_ref,
+    dual_chunk_block,
+)
+from megatron_ext.ops.longheads import (
+    longheads_attn_func,
+    longheads_attn_ref,
+    longheads_chunk_summaries,
+    longheads_select,
+    longheads_selected_attn,
+)
 from megatron_ext.ops.merge import merge_attn_outputs
 from megatron_ext.ops.rope import RopeScaling, apply_rope, rope_cos_sin
+
+# Public names; add yours when you add an import above.
+__all__ = [
+    "apply_rope",
+    "attention_func",
+    "attention_ref",
+    "coca_attn_func",
+    "coca_attn_ref",
+    "coca_key_prologue",
+    "coca_query_prologue",
+    "coca_tau",
+    "dual_chunk_attn_func",
+    "dual_chunk_attn_ref",
+    "dual_chunk_block",
+    "longheads_attn_func",
+    "longheads_attn_ref",
+    "longheads_chunk_summaries",
+    "longheads_select",
+    "longheads_selected_attn",
+    "merge_attn_outputs",
+    "rope_cos_sin",
+    "RopeScaling",
+]

@@ -1,0 +1,31 @@
+"""Dual Chunk Attention (DCA, arXiv 2402.17463): remapped RoPE positions, exact gradients.
+
+``dual_chunk_attn_func`` is the public op, ``dual_chunk_attn_ref`` its dense definition and
+``dual_chunk_block`` the (out, lse) block function used by context parallelism. Maths: README.md.
+"""
+
+from megatron_ext.ops.dual_chunk.block import dca_rotate_keys, dca_rotate_queries, dual_chunk_block
+from megatron_ext.ops.dual_chunk.interface import dual_chunk_attn_func
+from megatron_ext.ops.dual_chunk.positions import (
+    dca_chunk_len,
+    dca_inter_position,
+    dca_position_rule,
+    dca_query_positions,
+    dca_temperature,
+    doc_runs,
+)
+from megatron_ext.ops.dual_chunk.reference import dual_chunk_attn_ref
+
+__all__ = [
+    "dca_chunk_len",
+    "dca_inter_position",
+    "dca_position_rule",
+    "dca_query_positions",
+    "dca_rotate_keys",
+    "dca_rotate_queries",
+    "dca_temperature",
+    "doc_runs",
+    "dual_chunk_attn_func",
+    "dual_chunk_attn_ref",
+    "dual_chunk_block",
+]
