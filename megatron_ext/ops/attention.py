@@ -77,16 +77,28 @@ def _kernel(backend: str, q, k, v, scale: float, plan: list[blockwise.Block]):
     return FusedCPUTiles(q, k, v, scale, upcast=not single)
 
 
+def _whole_piece(plan: list[blockwise.Block], sq: int) -> blockwise.Piece | None:
+    """The piece, when one piece covers every query row (then no merge and no extra copies)."""
+    whole = len(plan) == 1 and plan[0].b is None and (plan[0].r0, plan[0].r1) == (0, sq)
+    return plan[0].pieces[0] if whole and len(plan[0].pieces) == 1 else None
+
+
 class _BlockwiseAttnFunc(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, lo, hi, plan, backend, scale):
         B, Sq, H, D = q.shape
         qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         ldt = torch.float64 if q.dtype == torch.float64 else torch.float32
-        out = torch.zeros(B, Sq, H, D, dtype=q.dtype, device=q.device)
-        lse = torch.full((B, H, Sq), float("-inf"), dtype=ldt, device=q.device)
         kern = _kernel(backend, qt, kt, vt, scale, plan)
-        blockwise.run_forward(kern, plan, lo, hi, out.transpose(1, 2), lse)
+        piece = _whole_piece(plan, Sq)
+        if piece is not None:
+            mask = blockwise.piece_mask(lo, hi, plan[0], piece, q.device)
+            o, lse = kern.fwd(slice(None), 0, Sq, piece, mask)
+            out, lse = o.to(q.dtype).transpose(1, 2), lse.to(ldt)
+        else:
+            out = torch.zeros(B, Sq, H, D, dtype=q.dtype, device=q.device)
+            lse = torch.full((B, H, Sq), float("-inf"), dtype=ldt, device=q.device)
+            blockwise.run_forward(kern, plan, lo, hi, out.transpose(1, 2), lse)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.plan, ctx.lo, ctx.hi, ctx.backend, ctx.scale = plan, lo, hi, backend, scale
         ctx.set_materialize_grads(False)
@@ -107,10 +119,15 @@ def _blockwise_backward(ctx, q, k, v, out, lse, dout, dlse):
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     kern = _kernel(ctx.backend, qt, kt, vt, ctx.scale, ctx.plan)
     kern.set_grads(dout.transpose(1, 2), out.transpose(1, 2), lse, dlse)
-    dq = torch.zeros(qt.shape, dtype=gdt, device=q.device)
-    dk = torch.zeros(kt.shape, dtype=gdt, device=q.device)
-    dv = torch.zeros(vt.shape, dtype=gdt, device=q.device)
-    blockwise.run_backward(kern, ctx.plan, ctx.lo, ctx.hi, dq, dk, dv)
+    piece = _whole_piece(ctx.plan, q.shape[1])
+    if piece is not None and (piece.k0, piece.k1) == (0, k.shape[1]):
+        mask = blockwise.piece_mask(ctx.lo, ctx.hi, ctx.plan[0], piece, q.device)
+        dq, dk, dv = kern.bwd(slice(None), 0, q.shape[1], piece, mask)
+    else:
+        dq = torch.zeros(qt.shape, dtype=gdt, device=q.device)
+        dk = torch.zeros(kt.shape, dtype=gdt, device=q.device)
+        dv = torch.zeros(vt.shape, dtype=gdt, device=q.device)
+        blockwise.run_backward(kern, ctx.plan, ctx.lo, ctx.hi, dq, dk, dv)
     return (
         dq.transpose(1, 2).to(q.dtype),
         dk.transpose(1, 2).to(k.dtype),
