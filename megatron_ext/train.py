@@ -78,8 +78,12 @@ def _loss(model, batch: dict, mask_documents: bool) -> tuple[torch.Tensor, torch
 
     labels = batch["labels"]
     mask = labels != IGNORE_INDEX
-    info = SequenceInfo(batch["positions"], batch["doc_ids"] if mask_documents else None)
-    per_token = model(batch["tokens"], batch["positions"], info,
+    if mask_documents:
+        info = SequenceInfo(batch["positions"], batch["doc_ids"])
+    else:  # one stream per row: positions count from the row start, across documents
+        B, S = labels.shape
+        info = SequenceInfo(torch.arange(S).expand(B, S))
+    per_token = model(batch["tokens"], info.positions, info,
                       labels=labels.masked_fill(~mask, 0))
     return (per_token.float() * mask).sum(), mask.sum()
 

@@ -1,14 +1,18 @@
-"""A Megatron-core core-attention module that runs megatron_ext.ops (plain RoPE / NoPE).
+"""Megatron-core core-attention modules that run megatron_ext.ops.
 
-It replaces the stock `DotProductAttention` in a layer spec. Megatron hands it q, k, v in
-`[S, B, H, D]`; it converts once to the ops' `[B, S, H, D]`, applies RoPE at the *absolute,
-per-document* positions the caller passes (so packed documents and, later, context-parallel
-shards get their own positions) and calls `attention_func`, which masks across documents.
+They replace the stock `DotProductAttention` in a layer spec. Megatron hands them q, k, v as
+`[S, B, heads, D]` (heads local to this tensor-parallel rank); they convert once to the ops'
+`[B, S, heads, D]`, apply positions themselves at the *absolute, per-document* positions the
+caller passes, and return `[S, B, heads * D]`.
 
 Positions and document ids travel through GPTModel's `attention_mask` argument, which Megatron
-forwards untouched to the core attention: pass a `SequenceInfo` there (or None for one document
-per row at positions 0..S-1). The module never touches CUDA-only Megatron helpers (global memory
-buffer, CUDA RNG tracker), so it runs on CPU as well as GPU.
+forwards untouched to the core attention: pass a `SequenceInfo` (or None for one document per
+row at positions 0..S-1). None of these modules touch CUDA-only Megatron helpers (global memory
+buffer, CUDA RNG tracker), so they run on CPU as well as GPU.
+
+`ExtCoreAttention` serves the rope / nope / hybrid variants: per layer (resolved from
+`ExtTransformerConfig.layer_attention`) RoPE or NoPE, full / sliding-window / chunked-local, the
+Llama-4 query temperature on NoPE layers and the Llama-4 L2 QK-norm after RoPE.
 """
 
 from __future__ import annotations
@@ -18,77 +22,123 @@ from dataclasses import dataclass
 import torch
 from megatron.core.transformer.module import MegatronModule
 
+from megatron_ext.layers.transformer_config import ExtTransformerConfig, LayerAttention
 from megatron_ext.ops import apply_rope, attention_func
+from megatron_ext.ops.qk_norm import l2_norm_post_rope
+from megatron_ext.ops.rope import llama4_attn_temperature
 
 
 @dataclass
 class SequenceInfo:
-    """Per-token positions and document ids of a (packed) batch, both [B, S] int64."""
+    """Per-token absolute per-document positions and document ids of a batch, both [B, S].
+
+    `seq_len` (optional) fixes the length used by length-dependent rules (dynamic NTK, DCA
+    temperature); by default they use what the batch shows.
+    """
 
     positions: torch.Tensor
     doc_ids: torch.Tensor | None = None
+    seq_len: int | None = None
 
 
-class ExtCoreAttention(MegatronModule):
-    """Causal attention with optional RoPE, at explicit positions, masked per document.
+def chunk_run_ids(positions: torch.Tensor, doc_ids: torch.Tensor | None, chunk: int
+                  ) -> torch.Tensor:
+    """Ids whose maximal runs are the Llama-4 attention chunks of each document.
 
-    Spec params: `rope` (apply RoPE or NoPE), `rope_theta`, `mask_documents`.
+    Chunked-local attention is causal attention restricted to one (document, position // chunk)
+    run, so it is expressed as document masking on these ids, using absolute per-document
+    positions (a document continued from an earlier sample keeps its chunk grid).
     """
+    block = torch.div(positions, chunk, rounding_mode="floor")
+    if doc_ids is None:
+        return block
+    return doc_ids.long() * (int(block.max()) + 2) + block
+
+
+class _OpsCoreAttention(MegatronModule):
+    """Shared plumbing: argument checks, layout conversion, SequenceInfo unpacking."""
 
     def __init__(
         self,
-        config,
+        config: ExtTransformerConfig,
         layer_number: int,
-        attn_mask_type,
-        attention_type: str,
+        attn_mask_type=None,
+        attention_type: str = "self",
         attention_dropout: float | None = None,
         softmax_scale: float | None = None,
         cp_comm_type: str | None = None,
         pg_collection=None,
-        *,
-        rope: bool = True,
-        rope_theta: float = 10000.0,
-        mask_documents: bool = True,
     ) -> None:
         super().__init__(config=config)
+        if not isinstance(config, ExtTransformerConfig):
+            raise TypeError(f"{type(self).__name__} needs an ExtTransformerConfig, got "
+                            f"{type(config).__name__}")
+        if attention_type != "self":
+            raise ValueError(f"attention_type={attention_type!r}: only self-attention")
         if config.context_parallel_size > 1:
             raise ValueError(
-                f"context_parallel_size={config.context_parallel_size}: ExtCoreAttention is the "
-                "single-rank attention; context parallelism is not implemented yet"
-            )
+                f"context_parallel_size={config.context_parallel_size}: the Megatron wiring of "
+                "context parallelism is not implemented yet; use 1")
         p = config.attention_dropout if attention_dropout is None else attention_dropout
         if p:
             raise ValueError(f"attention_dropout={p}: not supported by these kernels; use 0")
         self.layer_number = layer_number
         self.softmax_scale = softmax_scale
-        self.rope = rope
-        self.rope_theta = rope_theta
-        self.mask_documents = mask_documents
+        self.layer: LayerAttention = config.layer_attention(layer_number)
 
-    def forward(
-        self,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        attention_mask: SequenceInfo | None,
-        attn_mask_type=None,
-        attention_bias=None,
-        packed_seq_params=None,
-    ) -> torch.Tensor:
+    def _inputs(self, query, key, value, attention_mask, packed_seq_params):
         if packed_seq_params is not None:
             raise ValueError("packed_seq_params (thd) is not supported; pass a SequenceInfo "
                              "with doc_ids as attention_mask instead")
-        q, k, v = (t.transpose(0, 1) for t in (query, key, value))  # [B, S, H, D]
-        S, B = query.shape[0], query.shape[1]
-        info = attention_mask if isinstance(attention_mask, SequenceInfo) else None
-        if info is not None:
-            positions, doc_ids = info.positions, info.doc_ids
-        else:
-            positions = torch.arange(S, device=q.device).expand(B, S)
-            doc_ids = None
-        if self.rope:
-            q = apply_rope(q, positions, theta=self.rope_theta)
-            k = apply_rope(k, positions, theta=self.rope_theta)
-        out, _ = attention_func(q, k, v, causal=True, softmax_scale=self.softmax_scale,
-                                doc_ids=doc_ids if self.mask_documents else None)
+        if attention_mask is not None and not isinstance(attention_mask, SequenceInfo):
+            raise TypeError(
+                f"attention_mask must be a megatron_ext SequenceInfo or None, got "
+                f"{type(attention_mask).__name__}: masks are built from positions and doc_ids")
+        q, k, v = (t.transpose(0, 1) for t in (query, key, value))  # [B, S, heads, D]
+        B, S = q.shape[:2]
+        info = attention_mask
+        if info is None:
+            info = SequenceInfo(torch.arange(S, device=q.device).expand(B, S))
+        if info.positions.shape != (B, S):
+            raise ValueError(f"SequenceInfo.positions shape {tuple(info.positions.shape)}; "
+                             f"expected {(B, S)}")
+        doc_ids = info.doc_ids if self.config.mask_documents else None
+        return q, k, v, info, doc_ids
+
+    @staticmethod
+    def _output(out: torch.Tensor) -> torch.Tensor:
+        S, B = out.shape[1], out.shape[0]
         return out.transpose(0, 1).reshape(S, B, -1)
+
+
+class ExtCoreAttention(_OpsCoreAttention):
+    """RoPE / NoPE attention, full, sliding-window or chunked-local, per layer."""
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None,
+                attention_bias=None, packed_seq_params=None) -> torch.Tensor:
+        if attention_bias is not None:
+            raise ValueError("attention_bias is not supported")
+        q, k, v, info, doc_ids = self._inputs(query, key, value, attention_mask,
+                                              packed_seq_params)
+        cfg, layer = self.config, self.layer
+        pos = info.positions
+        if layer.rope:
+            rot = {"theta": cfg.rotary_base, "scaling": cfg.rope_scaling_ops(),
+                   "rotary_dim": int(cfg.kv_channels * cfg.rotary_percent),
+                   "seq_len": info.seq_len}
+            q, k = apply_rope(q, pos, **rot), apply_rope(k, pos, **rot)
+            if layer.qk_l2_norm:
+                q = l2_norm_post_rope(q, cfg.layernorm_epsilon)
+                k = l2_norm_post_rope(k, cfg.layernorm_epsilon)
+        elif layer.temperature is not None:
+            floor_scale, attn_scale = layer.temperature
+            factor = llama4_attn_temperature(pos, floor_scale=floor_scale, attn_scale=attn_scale)
+            q = q * factor.to(q.dtype)[..., None, None]
+        if layer.chunk is not None:
+            doc_ids = chunk_run_ids(pos, doc_ids, layer.chunk)
+        out, _ = attention_func(q, k, v, causal=True, window=layer.window,
+                                softmax_scale=self.softmax_scale, doc_ids=doc_ids)
+        return self._output(out)
+
+
+__all__ = ["ExtCoreAttention", "SequenceInfo", "chunk_run_ids"]
