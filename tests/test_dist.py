@@ -2,7 +2,8 @@
 
 The unit tests feed `read_launcher_env` the exact variables each launcher sets; the
 `distributed` tests start tests/dist/smoke.py under torchrun, the deepspeed launcher, Open MPI's
-mpirun and SLURM's srun (a one-node cluster from launch/slurm_local_cluster.sh) and assert that both ranks agree on rank, world size, backend and an all-reduce.
+mpirun and SLURM's srun (a one-node cluster from launch/slurm_local_cluster.sh) and assert
+that both ranks agree on rank, world size, backend and an all-reduce.
 """
 
 from __future__ import annotations
