@@ -2,6 +2,7 @@
 
 from megatron_ext.ops.attention import attention_func
 from megatron_ext.ops.attention_ref import attention_ref
+from megatron_ext.ops.block_attention import block_attention, block_key_ranges
 from megatron_ext.ops.coca import (
     coca_attn_func,
     coca_attn_ref,
@@ -29,6 +30,8 @@ __all__ = [
     "apply_rope",
     "attention_func",
     "attention_ref",
+    "block_attention",
+    "block_key_ranges",
     "coca_attn_func",
     "coca_attn_ref",
     "coca_key_prologue",

@@ -5,12 +5,15 @@ Compared: ``dual_chunk_attn_func`` and ``dual_chunk_block`` (three passes, exact
 lse and the gradients of q, k, v under a random dout *and* a random dlse; the reference with
 plain causal RoPE attention where METHODS.md §5 says DCA reduces to it; chunked prefill and
 decode rows with full-prefill rows; packed documents with separate runs; temperature with a
-rescaled softmax. Checks D1-D6 of ../shared/METHODS.md §7.
+rescaled softmax; the block function on key blocks (split, unordered, padded, in the future)
+merged against the full result. Checks D1-D6 of ../shared/METHODS.md §7, on both tile kernels
+(fused CPU and plain torch).
 
 Tolerances: fp64 1e-10 — both sides are the same maths in a different order, so only rounding
-(~1e-15 observed) separates them; fp32 1e-5 — the op spec, with logits O(1) and tiny shapes.
-Negative tests (the METHODS counter-example, the released detached merge) must differ by far
-more than any rounding (> 1e-3).
+(~1e-15 observed) separates them; fp32 1e-5 — the op spec, with logits O(1) and tiny shapes;
+bf16 — METHODS' rule (at most twice the error of the reference fed the same bf16 inputs, plus
+1e-3; gradients 1e-2 relative). Negative tests (the METHODS counter-example, the released
+detached merge) must differ by far more than any rounding (> 1e-3 / > 1e-2).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import math
 import pytest
 import torch
 
-import megatron_ext.ops.dual_chunk.block as dca_block
+import megatron_ext.ops.attention as attention_mod
 from megatron_ext.ops import (
     apply_rope,
     attention_ref,
@@ -29,11 +32,15 @@ from megatron_ext.ops import (
     merge_attn_outputs,
 )
 from megatron_ext.ops.dual_chunk import (
+    dca_key_ranges,
     dca_position_rule,
     dca_rotate_keys,
+    dca_rotate_queries,
     dca_temperature,
     dual_chunk_block,
+    interval_attention,
 )
+from megatron_ext.ops.dual_chunk.rotary import rotate
 
 F64, F32 = torch.float64, torch.float32
 TOL = {F64: 1e-10, F32: 1e-5}
@@ -182,6 +189,29 @@ def test_bf16_within_twice_low_precision_error():
         assert rel <= 1e-2, f"{name}: relative error {rel:.2e}"
 
 
+@pytest.mark.parametrize(
+    "B, Sq, Sk, H, Hkv, D, M, W, q_offset",
+    [CASES[1], CASES[2], CASES[5]],
+)
+def test_torch_tiles_path_matches_ref(B, Sq, Sk, H, Hkv, D, M, W, q_offset, monkeypatch):
+    """The plain-torch tile kernel (the path used off CPU) gives the same answers."""
+    monkeypatch.setattr(attention_mod, "DEFAULT_BACKEND", "torch_blockwise")
+    q, k, v = _qkv(B, Sq, Sk, H, Hkv, D, F64)
+    do, dlse = torch.randn(B, Sq, H, D, dtype=F64), torch.randn(B, H, Sq, dtype=F64)
+    kw = dict(chunk_size=M, local_size=W, q_offset=q_offset)
+    want = _fwd_bwd(dual_chunk_attn_ref, q, k, v, do, dlse, **kw)
+    _assert_close(_fwd_bwd(dual_chunk_attn_func, q, k, v, do, dlse, **kw), want, 1e-10)
+
+
+def test_rotate_matches_apply_rope():
+    """The DCA rotation helper equals apply_rope, values and gradients (fp64)."""
+    x = torch.randn(2, 9, 3, 16, dtype=F64, requires_grad=True)
+    g = torch.randn(2, 9, 3, 16, dtype=F64)
+    for pos in (torch.arange(9) * 7, torch.full((9,), 5), torch.randint(0, 50, (2, 9))):
+        a, b = rotate(x, pos), apply_rope(x, pos)
+        _assert_close((a, *torch.autograd.grad(a, x, g)), (b, *torch.autograd.grad(b, x, g)), 1e-12)
+
+
 def _released_merge(outs, lses):
     """ChunkLlama-style merge: correct forward, weights detached (no bf16 cast here, so the
     difference below is the detach alone)."""
@@ -192,15 +222,35 @@ def _released_merge(outs, lses):
     return out, lse
 
 
-def test_detached_merge_gives_wrong_grads(monkeypatch):
+def _three_passes_then(merge):
+    """DCA as three differentiable interval passes (one per query copy) merged by ``merge``."""
+
+    def fn(q, k, v, *, chunk_size, local_size, return_lse):
+        pos = torch.arange(q.shape[1])
+        kw = dict(chunk_size=chunk_size, local_size=local_size)
+        k_rot = dca_rotate_keys(k, pos, **kw)
+        order, ranges = dca_key_ranges(pos, pos, **kw)
+        assert order is None
+        parts = [
+            interval_attention(qx, k_rot, v, lo, hi, softmax_scale=q.shape[-1] ** -0.5)
+            for qx, (lo, hi) in zip(dca_rotate_queries(q, pos, **kw), ranges)
+        ]
+        return merge([p[0] for p in parts], [p[1] for p in parts])
+
+    return fn
+
+
+def test_detached_merge_gives_wrong_grads():
+    """The exact merge of the three passes gives the reference gradients; the released
+    detached-weight merge keeps the forward (and dv, which has no D-term) but breaks dq, dk."""
     q, k, v = _qkv(1, 30, 30, 2, 2, 64, F64)
     do = torch.randn(1, 30, 2, 64, dtype=F64)
     dlse = torch.zeros(1, 2, 30, dtype=F64)
     kw = dict(chunk_size=12, local_size=3)
     want = _fwd_bwd(dual_chunk_attn_ref, q, k, v, do, dlse, **kw)
-    monkeypatch.setattr(dca_block, "merge_attn_outputs", _released_merge)
-    got = _fwd_bwd(dual_chunk_attn_func, q, k, v, do, dlse, **kw)
-    # The forward and dv (which never sees the D-term) are right; dq and dk are not.
+    exact = _fwd_bwd(_three_passes_then(merge_attn_outputs), q, k, v, do, dlse, **kw)
+    _assert_close(exact, want, 1e-10)
+    got = _fwd_bwd(_three_passes_then(_released_merge), q, k, v, do, dlse, **kw)
     _assert_close((*got[:2], got[4]), (*want[:2], want[4]), 1e-10, ("out", "lse", "dv"))
     for name, a, b in zip(("dq", "dk"), got[2:4], want[2:4]):
         assert (a - b).abs().max().item() > 1e-3, f"detached merge left {name} exact"
@@ -325,6 +375,56 @@ def test_block_split_keys_merge_equals_full(cuts):
         return _block_split(q[:, rows], k, v, rows, torch.arange(S), cuts, **kw)
 
     _assert_close(_fwd_bwd(blocked, q, k, v, do, dlse), want, 1e-10)
+
+
+def test_block_unsorted_keys():
+    """A key block given in any order (with docs) equals the same block sorted."""
+    doc = torch.tensor([[0] * 9 + [1] * 15])
+    pos = torch.cat((torch.arange(9), torch.arange(15)))[None]
+    q, k, v = _qkv(1, 24, 24, 2, 1, 64, F64)
+    kw = dict(chunk_size=7, local_size=2)
+    want = dual_chunk_attn_ref(q, k, v, doc_ids=doc, return_lse=True, **kw)
+    perm = torch.randperm(24)
+    k_rot = dca_rotate_keys(k, pos, **kw)
+    got = dual_chunk_block(
+        q, k_rot[:, perm], v[:, perm], q_positions=pos, k_positions=pos[:, perm],
+        q_doc_ids=doc, k_doc_ids=doc[:, perm], **kw,
+    )  # fmt: skip
+    _assert_close(got, want, 1e-10)
+
+
+def test_block_padding_tokens():
+    """Padding (negative positions) inside query and key blocks: padded keys are invisible,
+    padded queries give out 0 / lse -inf, and no gradient reaches padded tokens."""
+    doc = torch.tensor([0] * 9 + [1] * 15)
+    pos = torch.cat((torch.arange(9), torch.arange(15)))
+    q, k, v = _qkv(1, 24, 24, 2, 1, 64, F64)
+    kw = dict(chunk_size=7, local_size=2)
+    do, dlse = torch.randn(1, 24, 2, 64, dtype=F64), torch.randn(1, 2, 24, dtype=F64)
+    want = _fwd_bwd(dual_chunk_attn_ref, q, k, v, do, dlse, doc_ids=doc[None], **kw)
+    keep = torch.tensor([3, 5, 12, 20])  # insert a padding token before each of these
+    idx = torch.cat([torch.cat((torch.tensor([-1]), torch.tensor([i]))) if i in keep
+                     else torch.tensor([i]) for i in range(24)])  # fmt: skip
+    real = idx >= 0
+    src = idx.clamp(min=0)
+    pad_pos = torch.where(real, pos[src], torch.full_like(src, -1))
+    pad_doc = doc[src]
+    qp, kp, vp = (x.detach()[:, src].clone().requires_grad_() for x in (q, k, v))
+
+    def padded(q, k, v, return_lse):
+        k_rot = dca_rotate_keys(k, pad_pos, **kw)
+        return dual_chunk_block(
+            q, k_rot, v, q_positions=pad_pos, k_positions=pad_pos, q_doc_ids=pad_doc,
+            k_doc_ids=pad_doc, **kw,
+        )  # fmt: skip
+
+    dop, dlsep = do[:, src].clone(), dlse[:, :, src].clone()
+    got = _fwd_bwd(padded, qp, kp, vp, dop, dlsep)
+    pick = [x[:, real] if x.dim() == 4 else x[:, :, real] for x in got]
+    _assert_close(pick, want, 1e-10)
+    assert bool((got[0][:, ~real] == 0).all()) and bool(torch.isneginf(got[1][:, :, ~real]).all())
+    for g in got[2:]:
+        assert bool((g[:, ~real] == 0).all())
 
 
 def test_block_with_docs_and_future_keys():

@@ -4,8 +4,14 @@
 ``dual_chunk_block`` the (out, lse) block function used by context parallelism. Maths: README.md.
 """
 
-from megatron_ext.ops.dual_chunk.block import dca_rotate_keys, dca_rotate_queries, dual_chunk_block
+from megatron_ext.ops.dual_chunk.block import (
+    dca_key_ranges,
+    dca_rotate_keys,
+    dca_rotate_queries,
+    dual_chunk_block,
+)
 from megatron_ext.ops.dual_chunk.interface import dual_chunk_attn_func
+from megatron_ext.ops.dual_chunk.intervals import interval_attention
 from megatron_ext.ops.dual_chunk.positions import (
     dca_chunk_len,
     dca_inter_position,
@@ -18,6 +24,7 @@ from megatron_ext.ops.dual_chunk.reference import dual_chunk_attn_ref
 
 __all__ = [
     "dca_chunk_len",
+    "dca_key_ranges",
     "dca_inter_position",
     "dca_position_rule",
     "dca_query_positions",
@@ -28,4 +35,5 @@ __all__ = [
     "dual_chunk_attn_func",
     "dual_chunk_attn_ref",
     "dual_chunk_block",
+    "interval_attention",
 ]

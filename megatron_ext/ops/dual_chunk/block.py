@@ -1,28 +1,34 @@
 """Dual Chunk Attention of arbitrary queries against an arbitrary key block -> (out, lse).
 
-The pass decomposition of ../shared/METHODS.md §5 expressed on absolute per-document positions,
-so that the same function serves the single-process op (all keys at once) and context
-parallelism (one call per (Q block, KV block) pair, results merged exactly). Queries are cut
-into runs that are contiguous and inside one DCA chunk; keys into contiguous runs. Each query
-run needs at most one intra (causal), one successive and one inter (both unmasked) attention
-call; their partial results meet in ``merge_attn_outputs``, whose weights are never detached, so
-gradients are exact. Nothing of size Sq x Sk is built.
+The pass decomposition of ../shared/METHODS.md §5 on absolute per-document positions, so the
+same function serves the single-process op (all keys at once) and context parallelism (one call
+per (Q block, KV block) pair, results merged exactly). With the keys ordered by (document,
+position), each pass gives every query row one contiguous key interval (``dca_key_ranges``), so
+each pass is *one* call of the interval attention in ``intervals.py`` over all query rows,
+whatever the number of chunks; the three partial results meet in ``merge_attn_outputs``. The
+backward differentiates each pass against the merged (out, lse), which is exact (no weight is
+ever treated as a constant). Nothing of size Sq x Sk is built.
 """
 
 from __future__ import annotations
 
 import torch
 
-from megatron_ext.ops.attention import attention_func
+from megatron_ext.ops.dual_chunk.intervals import (
+    interval_backward,
+    interval_forward,
+    plan_intervals,
+)
 from megatron_ext.ops.dual_chunk.positions import (
     check_chunk_args,
     check_qkv,
+    dca_chunk_len,
     dca_query_positions,
 )
+from megatron_ext.ops.dual_chunk.rotary import rope_tables, rotate, rotate_by_tables
 from megatron_ext.ops.merge import merge_attn_outputs
-from megatron_ext.ops.rope import apply_rope
 
-__all__ = ["dca_rotate_keys", "dca_rotate_queries", "dual_chunk_block"]
+__all__ = ["dca_key_ranges", "dca_rotate_keys", "dca_rotate_queries", "dual_chunk_block"]
 
 
 def dca_rotate_keys(
@@ -45,7 +51,7 @@ def dca_rotate_keys(
         [B, Sk, Hkv, D] in k's dtype.
     """
     check_chunk_args(chunk_size, local_size)
-    return apply_rope(k, k_positions.long() % (chunk_size - local_size), theta=theta)
+    return rotate(k, k_positions.long() % (chunk_size - local_size), theta=theta)
 
 
 def dca_rotate_queries(
@@ -66,130 +72,132 @@ def dca_rotate_queries(
         (R_{i mod C} q, R_{min(C + i mod C, M)} q, R_{P_inter} q), each [B, Sq, H, D].
     """
     pos = dca_query_positions(q_positions, chunk_size=chunk_size, local_size=local_size)
-    return tuple(apply_rope(q, p, theta=theta) for p in pos)  # type: ignore[return-value]
+    return tuple(rotate(q, p, theta=theta) for p in pos)  # type: ignore[return-value]
 
 
-def _runs(pos: torch.Tensor, doc: torch.Tensor | None, chunk: int | None) -> list[tuple]:
-    """Maximal runs (start, end, first position, doc) of consecutive positions in one doc.
+def dca_key_ranges(
+    q_positions: torch.Tensor,
+    k_positions: torch.Tensor,
+    *,
+    chunk_size: int,
+    local_size: int,
+    q_doc_ids: torch.Tensor | None = None,
+    k_doc_ids: torch.Tensor | None = None,
+) -> tuple[torch.Tensor | None, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Key index intervals of the intra, successive and inter passes for every query row.
 
-    With ``chunk`` a run also never crosses a multiple of ``chunk``. pos, doc: 1-D int tensors.
+    Keys are ordered by (document, position); in that order the keys a query sees in one pass
+    are contiguous: its own chunk up to itself (intra), the previous chunk (successive), the
+    document prefix before that (inter).
+
+    Args:
+        q_positions: int [Sq] or [B, Sq]; k_positions: int [Sk] or [B, Sk] (per document;
+            negative = a padding token: a padding key is never visible, a padding query sees
+            nothing).
+        chunk_size, local_size: M and W (C = M - W).
+        q_doc_ids, k_doc_ids: optional int [Sq] / [B, Sq] and [Sk] / [B, Sk] document ids
+            (equal id = same document), both or neither.
+
+    Returns:
+        (order, [(lo, hi)] * 3): ``order`` is None when the keys are already sorted by
+        (document, position), else an int64 [Bp, Sk] permutation that sorts them; each pass
+        gives CPU int64 [Bp, Sq] bounds into the sorted keys (lo >= hi: no key). Bp = 1 when
+        all inputs are shared by the batch, else B.
     """
-    n = pos.numel()
-    if n == 0:
-        return []
-    brk = torch.ones(n, dtype=torch.bool, device=pos.device)
-    brk[1:] = pos[1:] != pos[:-1] + 1
-    if chunk is not None:
-        brk[1:] |= (pos[1:] // chunk) != (pos[:-1] // chunk)
-    if doc is not None:
-        brk[1:] |= doc[1:] != doc[:-1]
-    starts = torch.nonzero(brk).flatten()
-    first_pos = pos[starts].tolist()
-    docs = doc[starts].tolist() if doc is not None else [0] * len(first_pos)
-    starts = starts.tolist()
-    ends = starts[1:] + [n]
-    return list(zip(starts, ends, first_pos, docs))
+    c = dca_chunk_len(chunk_size, local_size)
+    rows = [
+        None if x is None else x.detach().to("cpu", torch.int64).reshape(-1, x.shape[-1])
+        for x in (q_positions, k_positions, q_doc_ids, k_doc_ids)
+    ]
+    bp = max(x.shape[0] for x in rows if x is not None)
+    qp, kp, qd, kd = (None if x is None else x.expand(bp, -1) for x in rows)
+    # One sortable code per (document, position); padding keys sort last in their document,
+    # after every position a query interval can reach (positions + 1 < mult - 1).
+    mult = max([0, *(int(x.max()) for x in (qp, kp) if x.numel())]) + 3
+    k_code = torch.where(kp >= 0, kp, torch.full_like(kp, mult - 1))
+    q_base = torch.zeros_like(qp)
+    if kd is not None:
+        k_code, q_base = k_code + kd * mult, qd * mult
+    order = None
+    if k_code.shape[1] > 1 and not bool((k_code[:, 1:] >= k_code[:, :-1]).all()):
+        k_code, order = torch.sort(k_code, dim=1, stable=True)
+    k_code = k_code.contiguous()
+
+    def find(pos: torch.Tensor) -> torch.Tensor:  # first key index with code >= (doc, pos)
+        return torch.searchsorted(k_code, (q_base + pos.clamp(min=0)).contiguous())
+
+    n = qp.clamp(min=0) // c
+    ranges = []
+    for first, last, min_n in (  # positions [first, last) for chunk index n >= min_n
+        (n * c, qp + 1, 0),  # intra: own chunk up to the query
+        ((n - 1) * c, n * c, 1),  # successive: the previous chunk
+        (0 * n, (n - 1) * c, 2),  # inter: all older chunks
+    ):
+        lo, hi = find(first), find(last)
+        ranges.append((lo, torch.where((n >= min_n) & (qp >= 0), hi, lo)))  # padding: none
+    return order, ranges
 
 
-def _cat_keys(x: torch.Tensor, spans: list[tuple[int, int]]) -> torch.Tensor:
-    if len(spans) == 1:
-        return x[:, spans[0][0] : spans[0][1]]
-    return torch.cat([x[:, a:b] for a, b in spans], dim=1)
+def _diagonal_hint(lo: torch.Tensor, hi: torch.Tensor) -> int | None:
+    """Offset o with hi[0, r] == o + r + 1 at the first row that sees a key (a planner hint)."""
+    live = (hi[0] > lo[0]).nonzero()
+    if live.numel() == 0:
+        return None
+    r = int(live[0, 0])
+    offset = int(hi[0, r]) - 1 - r
+    return offset if offset >= 0 else None
 
 
-def _empty_result(q: torch.Tensor, rows: int, lse_dtype: torch.dtype) -> tuple:
-    B, _, H, D = q.shape
-    out = torch.zeros(B, rows, H, D, dtype=q.dtype, device=q.device)
-    lse = torch.full((B, H, rows), float("-inf"), dtype=lse_dtype, device=q.device)
-    return out, lse
+class _DualChunkPassesFunc(torch.autograd.Function):
+    """The three passes and their exact merge, with a ring-style backward.
 
+    Forward: for each pass, q is rotated to that pass's positions and the pass gives fp32
+    (out_k, lse_k); the parts are merged by ``merge_attn_outputs``. Backward: every pass is
+    differentiated against the *merged* (out, lse) and the incoming (dout, dlse) (METHODS.md §0
+    form 2), so its probabilities are the global ones and ``D = rowsum(dout * out) - dlse`` is
+    shared; nothing is treated as a constant. dK and dV of the passes accumulate in one buffer
+    each; each pass's dq is rotated back (R^T) into one dq. The rotated query copies are
+    recomputed in backward rather than saved, so saved memory is that of one attention.
+    """
 
-def _block_one_layout(
-    qs: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-    k_rot: torch.Tensor,
-    v: torch.Tensor,
-    q_pos: torch.Tensor,
-    k_pos: torch.Tensor,
-    q_doc: torch.Tensor | None,
-    k_doc: torch.Tensor | None,
-    c: int,
-    scale: float,
-    lse_dtype: torch.dtype,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """All batch rows of qs / k_rot / v share these 1-D positions and docs."""
-    q_intra, q_succ, q_inter = qs
-    key_runs: dict[int, list[tuple]] = {}
-    for run in _runs(k_pos, k_doc, None):
-        key_runs.setdefault(run[3], []).append(run)
-
-    outs, lses = [], []
-    for r0, r1, p0, doc in _runs(q_pos, q_doc, c):
-        n, p_end = p0 // c, p0 + (r1 - r0)  # chunk index; one past the last query position
-        parts = []  # (first row inside the run, out, lse) over consecutive rows
-        succ_spans, inter_spans = [], []
-        for c0, c1, kp0, _ in key_runs.get(doc, []):
-            kp1 = kp0 + (c1 - c0)
-            # intra: keys of chunk n up to the last query, causal on positions.
-            lo, hi = max(kp0, n * c), min(kp1, p_end)
-            if lo < hi:
-                ks = slice(c0 + lo - kp0, c0 + hi - kp0)
-                skip = max(0, lo - p0)  # leading queries that precede every key of the span
-                last = hi - p0  # queries from here on follow every key of the span
-                if skip < last:  # rows with a position in [lo, hi): causal, bottom-right
-                    o, s = attention_func(
-                        q_intra[:, r0 + skip : r0 + last],
-                        k_rot[:, ks],
-                        v[:, ks],
-                        causal=True,
-                        softmax_scale=scale,
-                        q_offset=p0 + skip - lo,
-                    )
-                    parts.append((skip, o, s))
-                if r0 + last < r1:  # the key span ends before these rows: no mask
-                    o, s = attention_func(
-                        q_intra[:, r0 + last : r1],
-                        k_rot[:, ks],
-                        v[:, ks],
-                        causal=False,
-                        softmax_scale=scale,
-                    )
-                    parts.append((last, o, s))
-            lo, hi = max(kp0, (n - 1) * c), min(kp1, n * c)
-            if n >= 1 and lo < hi:
-                succ_spans.append((c0 + lo - kp0, c0 + hi - kp0))
-            hi = min(kp1, (n - 1) * c)
-            if n >= 2 and kp0 < hi:
-                inter_spans.append((c0, c0 + hi - kp0))
-        for qx, spans in ((q_succ, succ_spans), (q_inter, inter_spans)):
-            if spans:  # every key here is in an older chunk: visible to all rows, no mask
-                o, s = attention_func(
-                    qx[:, r0:r1],
-                    _cat_keys(k_rot, spans),
-                    _cat_keys(v, spans),
-                    causal=False,
-                    softmax_scale=scale,
-                )
-                parts.append((0, o, s))
-        outs_r, lses_r = [], []
-        for first, o, s in parts:  # pad partial-row parts to the whole run: 0 / -inf rows
-            after = (r1 - r0) - first - o.shape[1]
-            if first or after:
-                pad_a, pad_sa = _empty_result(o, first, s.dtype)
-                pad_b, pad_sb = _empty_result(o, after, s.dtype)
-                o, s = torch.cat((pad_a, o, pad_b), dim=1), torch.cat((pad_sa, s, pad_sb), dim=2)
-            outs_r.append(o)
-            lses_r.append(s)
+    @staticmethod
+    def forward(ctx, q, k_rot, v, passes, tables, scale):
+        B, Sq, H, D = q.shape
+        cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+        parts = []
+        for i, lo, hi, plan in passes:
+            q_rot = rotate_by_tables(q, *tables[i])
+            parts.append(interval_forward(q_rot, k_rot, v, lo, hi, plan, scale))
+            del q_rot
         if not parts:
-            o, s = _empty_result(q_intra, r1 - r0, lse_dtype)
+            out = torch.zeros(B, Sq, H, D, dtype=cdt, device=q.device)
+            lse = torch.full((B, H, Sq), float("-inf"), dtype=cdt, device=q.device)
         elif len(parts) == 1:
-            o, s = outs_r[0], lses_r[0]
+            out, lse = parts[0]
         else:
-            o, s = merge_attn_outputs(outs_r, lses_r)
-        outs.append(o.to(q_intra.dtype))
-        lses.append(s.to(lse_dtype))
-    if not outs:
-        return _empty_result(q_intra, 0, lse_dtype)
-    return torch.cat(outs, dim=1), torch.cat(lses, dim=2)
+            out, lse = merge_attn_outputs([p[0] for p in parts], [p[1] for p in parts])
+        ctx.save_for_backward(q, k_rot, v, out, lse)
+        ctx.passes, ctx.tables, ctx.scale = passes, tables, scale
+        ctx.set_materialize_grads(False)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k_rot, v, out, lse = ctx.saved_tensors
+        if dout is None:
+            dout = torch.zeros_like(out)
+        if dlse is not None and not bool(dlse.ne(0).any()):
+            dlse = None  # the common case (lse unused downstream): no extra D term
+        dq = torch.zeros(q.shape, dtype=out.dtype, device=q.device)
+        dk = torch.zeros(k_rot.shape, dtype=out.dtype, device=k_rot.device)
+        dv = torch.zeros(v.shape, dtype=out.dtype, device=v.device)
+        for i, lo, hi, plan in ctx.passes:
+            cos, sin = ctx.tables[i]
+            q_rot = rotate_by_tables(q, cos, sin)
+            args = (lo, hi, plan, ctx.scale, dout, out, lse, dlse, dk, dv)
+            dq_rot = interval_backward(q_rot, k_rot, v, *args)
+            dq += rotate_by_tables(dq_rot, cos.to(dq.dtype), sin.to(dq.dtype), inverse=True)
+        return dq.to(q.dtype), dk.to(k_rot.dtype), dv.to(v.dtype), None, None, None
 
 
 def dual_chunk_block(
@@ -218,13 +226,15 @@ def dual_chunk_block(
         q: UN-ROTATED queries [B, Sq, H, D].
         k_rot: keys already rotated by ``dca_rotate_keys`` (R_{j mod C} k) [B, Sk, Hkv, D].
         v: values [B, Sk, Hkv, D].
-        q_positions: int [Sq] (shared by the batch) or [B, Sq], per-document positions.
-        k_positions: int [Sk] or [B, Sk], per-document positions.
+        q_positions: int [Sq] (shared by the batch) or [B, Sq], per-document positions;
+            negative marks a padding query (it sees nothing: out 0, lse -inf).
+        k_positions: int [Sk] or [B, Sk], per-document positions; negative marks a padding key
+            (never visible). Keys may come in any order.
         chunk_size: M, the largest position index used. local_size: W; C = M - W.
         theta: RoPE base.
         softmax_scale: default 1/sqrt(D).
-        q_doc_ids: optional int [B, Sq] document ids; k_doc_ids: int [B, Sk]. Give both or
-            neither (neither = one document).
+        q_doc_ids: optional int [Sq] / [B, Sq] document ids; k_doc_ids: int [Sk] / [B, Sk].
+            Equal id = same document. Give both or neither (neither = one document).
         temperature: T (float, or a tensor [Sq] / [B, Sq] per query); logits are scaled by T².
 
     Returns:
@@ -244,19 +254,16 @@ def dual_chunk_block(
                 f"[{s}] or [{B}, {s}]"
             )
     for name, ids, s in (("q_doc_ids", q_doc_ids, Sq), ("k_doc_ids", k_doc_ids, Sk)):
-        if ids is not None and (ids.dtype.is_floating_point or ids.shape != (B, s)):
+        if ids is not None and (ids.dtype.is_floating_point or ids.shape not in ((s,), (B, s))):
             raise ValueError(
-                f"{name} shape={tuple(ids.shape)} dtype={ids.dtype}; expected int [{B}, {s}]"
+                f"{name} shape={tuple(ids.shape)} dtype={ids.dtype}; expected int [{s}] or "
+                f"[{B}, {s}]"
             )
     scale = D**-0.5 if softmax_scale is None else softmax_scale
     if not scale > 0:
         raise ValueError(f"softmax_scale={softmax_scale!r}; expected > 0")
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    c = chunk_size - local_size
 
-    qs = dca_rotate_queries(
-        q, q_positions, chunk_size=chunk_size, local_size=local_size, theta=theta
-    )
     if isinstance(temperature, torch.Tensor) and temperature.shape not in ((Sq,), (B, Sq)):
         raise ValueError(
             f"temperature shape={tuple(temperature.shape)}; expected a float, [{Sq}] or [{B}, {Sq}]"
@@ -266,30 +273,27 @@ def dual_chunk_block(
         if bool((t2 == t2.flatten()[0]).all()):  # one value: keep it in the softmax scale
             scale *= float(t2.flatten()[0])
         else:  # per-query temperatures (documents of different lengths): fold into q
-            t2 = t2.expand(B, Sq)[:, :, None, None].to(q.dtype)
-            qs = tuple(x * t2 for x in qs)
+            q = q * t2.expand(B, Sq)[:, :, None, None].to(q.dtype)  # rotations are linear
     elif temperature is not None and not isinstance(temperature, torch.Tensor):
         scale *= float(temperature) ** 2
+    pos = dca_query_positions(q_positions, chunk_size=chunk_size, local_size=local_size)
+    tables = [rope_tables(q, p, theta=theta) for p in pos]  # intra, successive, inter
 
-    shared = q_positions.dim() == 1 and k_positions.dim() == 1 and q_doc_ids is None
-    if shared or B == 0:
-        return _block_one_layout(
-            qs, k_rot, v, q_positions, k_positions, None, None, c, scale, lse_dtype
-        )
-    outs, lses = [], []
-    for b in range(B):  # different layouts per row (packed documents): one row at a time
-        o, s = _block_one_layout(
-            tuple(x[b : b + 1] for x in qs),
-            k_rot[b : b + 1],
-            v[b : b + 1],
-            q_positions.expand(B, Sq)[b],
-            k_positions.expand(B, Sk)[b],
-            None if q_doc_ids is None else q_doc_ids[b],
-            None if k_doc_ids is None else k_doc_ids[b],
-            c,
-            scale,
-            lse_dtype,
-        )
-        outs.append(o)
-        lses.append(s)
-    return torch.cat(outs, dim=0), torch.cat(lses, dim=0)
+    order, ranges = dca_key_ranges(
+        q_positions,
+        k_positions,
+        chunk_size=chunk_size,
+        local_size=local_size,
+        q_doc_ids=q_doc_ids,
+        k_doc_ids=k_doc_ids,
+    )
+    if order is not None:  # gather keys into (document, position) order; O(S), differentiable
+        idx = order.to(k_rot.device)[:, :, None, None].expand(B, Sk, *k_rot.shape[2:])
+        k_rot, v = k_rot.gather(1, idx), v.gather(1, idx)
+    passes = []  # (which query copy, lo, hi, plan) for passes that see at least one key
+    for which, (lo, hi) in enumerate(ranges):
+        if bool((hi > lo).any()):
+            hint = _diagonal_hint(lo, hi) if which == 0 else None  # intra: causal diagonal
+            passes.append((which, *plan_intervals(lo, hi, like=q, causal_offset=hint)))
+    out, lse = _DualChunkPassesFunc.apply(q, k_rot, v, passes, tables, scale)
+    return out.to(q.dtype), lse.to(lse_dtype)

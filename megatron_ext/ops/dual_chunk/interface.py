@@ -1,14 +1,17 @@
 """Public Dual Chunk Attention op: ``dual_chunk_attn_func``.
 
-Rotates the keys once at ``j mod C`` and runs the three DCA passes per query chunk through
-``dual_chunk_block`` (../shared/METHODS.md §5), merging them exactly so that gradients are those
-of the dense definition in ``reference.py``. Same signature as ``dual_chunk_attn_ref``.
+Rotates the keys once at ``j mod C`` and runs the three DCA passes (one interval-attention call
+each, over all query rows) through ``dual_chunk_block`` (../shared/METHODS.md §5), merging them
+exactly so that gradients are those of the dense definition in ``reference.py``. Same
+signature as ``dual_chunk_attn_ref``. CUDA inputs without ``doc_ids`` take the fused Triton
+kernel instead (``triton_dca.py``).
 """
 
 from __future__ import annotations
 
 import torch
 
+from megatron_ext.ops.dual_chunk import triton_dca
 from megatron_ext.ops.dual_chunk.block import dca_rotate_keys, dual_chunk_block
 from megatron_ext.ops.dual_chunk.positions import check_chunk_args, check_qkv, dca_layout
 
@@ -75,6 +78,13 @@ def dual_chunk_attn_func(
         original_max_position_embeddings=original_max_position_embeddings,
         device=q.device,
     )
+    if triton_dca.use_triton(q, doc_ids):  # fused kernel on CUDA (no doc_ids); see triton_dca
+        out, lse = triton_dca.dual_chunk_attn_triton(
+            q, k, v, q_positions=q_pos, k_positions=k_pos, temperature=temp,
+            chunk_size=chunk_size, local_size=local_size, theta=theta,
+            softmax_scale=softmax_scale, q_offset=q_offset,
+        )  # fmt: skip
+        return (out, lse) if return_lse else out
     k_rot = dca_rotate_keys(k, k_pos, chunk_size=chunk_size, local_size=local_size, theta=theta)
     out, lse = dual_chunk_block(
         q,

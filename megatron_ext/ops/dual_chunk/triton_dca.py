@@ -1,0 +1,88 @@
+"""Dual Chunk Attention on the fused Triton kernel (../shared/METHODS.md §5, exact form 3).
+
+Keys are rotated once at ``j mod C`` and the queries three times (intra, successive, inter) by
+the differentiable rotations of ``block.py``; ``triton_dca_attention`` then runs all (query
+tile, key tile) pairs in one launch, choosing the query copy per element by
+``delta = i // C - j // C`` inside one online softmax. Its backward returns dq_intra, dq_succ
+and dq_inter separately; autograd rotates each back through its RoPE, and dK' back through the
+key rotation, so the gradients are those of ``dual_chunk_attn_ref``.
+
+Not on this path: packed documents (``doc_ids``) and per-query temperatures (which only arise
+with documents). ``dual_chunk_attn_func`` keeps the pass-based torch path for those.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from megatron_ext.ops.dual_chunk.block import dca_rotate_keys, dca_rotate_queries
+from megatron_ext.ops.triton import triton_attention_supported, triton_dca_attention
+
+__all__ = ["USE_TRITON", "dual_chunk_attn_triton", "use_triton"]
+
+USE_TRITON: bool | None = None
+"""None: the fused kernel for CUDA fp16 / bf16 / fp32 inputs without doc_ids, torch otherwise;
+True forces it (tests, on CPU under ``TRITON_INTERPRET=1``); False never uses it."""
+
+
+def use_triton(q: torch.Tensor, doc_ids: torch.Tensor | None) -> bool:
+    """Whether ``dual_chunk_attn_func`` should take the fused Triton path for these inputs."""
+    if USE_TRITON is False:
+        return False
+    if USE_TRITON:
+        if doc_ids is not None or not triton_attention_supported(q):
+            raise ValueError(
+                f"triton_dca.USE_TRITON=True but the inputs are unsupported (D={q.shape[-1]}, "
+                f"dtype={q.dtype}, doc_ids={'set' if doc_ids is not None else None}); the fused "
+                "kernel takes no doc_ids and D in triton.HEAD_DIMS"
+            )
+        return True
+    fast = q.dtype in (torch.float16, torch.bfloat16, torch.float32)
+    return q.is_cuda and fast and doc_ids is None and triton_attention_supported(q)
+
+
+def dual_chunk_attn_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    q_positions: torch.Tensor,
+    k_positions: torch.Tensor,
+    temperature: torch.Tensor,
+    chunk_size: int,
+    local_size: int,
+    theta: float = 10000.0,
+    softmax_scale: float | None = None,
+    q_offset: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """DCA of un-rotated q, k, v via the fused kernel (arguments checked by the caller).
+
+    Args:
+        q: [B, Sq, H, D] un-rotated queries at positions ``q_positions`` = q_offset + r.
+        k, v: [B, Sk, Hkv, D]; k un-rotated, at positions ``k_positions`` = 0..Sk-1.
+        q_positions: int [Sq]; k_positions: int [Sk] (from ``dca_layout`` without doc_ids).
+        temperature: fp64 [Sq], one value (T); logits are scaled by T².
+        chunk_size, local_size: M and W (C = M - W).
+        theta: RoPE base. softmax_scale: default 1/sqrt(D). q_offset: position of row 0.
+
+    Returns:
+        out [B, Sq, H, D] in q's dtype; lse [B, H, Sq] fp32 (fp64 for fp64 inputs).
+    """
+    if q_positions.dim() != 1 or k_positions.dim() != 1:
+        raise ValueError(
+            f"q_positions / k_positions of shapes {tuple(q_positions.shape)} / "
+            f"{tuple(k_positions.shape)}; the fused path takes shared 1-D positions (no doc_ids)"
+        )
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+    if temperature.numel():
+        t0 = temperature.flatten()[0]
+        if not bool((temperature == t0).all()):
+            raise ValueError("temperature varies across queries; the fused path takes one T")
+        scale *= float(t0) ** 2
+    rope = {"chunk_size": chunk_size, "local_size": local_size, "theta": theta}
+    k_rot = dca_rotate_keys(k, k_positions, **rope)
+    q_intra, q_succ, q_inter = dca_rotate_queries(q, q_positions, **rope)
+    return triton_dca_attention(
+        q_intra, q_succ, q_inter, k_rot, v, chunk_len=chunk_size - local_size,
+        softmax_scale=scale, q_offset=q_offset,
+    )  # fmt: skip
