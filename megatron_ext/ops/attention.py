@@ -15,6 +15,8 @@ cpu_blockwise      window / chunk / doc_ids on CPU: the planner's pieces on the 
 torch_blockwise    any device and dtype: the planner's pieces in plain torch (fp32 / fp64)
 flash_attn         CUDA with flash-attn importable, fp16/bf16, no chunk / doc_ids: flash-attn
                    forward; flash-attn backward unless lse has a gradient (then blockwise)
+triton             CUDA fp16/bf16/fp32 where flash_attn is absent or does not apply (doc_ids,
+                   fp32, chunk without window / doc_ids), head dim 16..256: ``ops/triton``
 =================  =====================================================================
 
 ``DEFAULT_BACKEND`` (module level) replaces ``"auto"`` when set, e.g. by tests.
@@ -27,10 +29,11 @@ import torch
 from megatron_ext.ops import blockwise
 from megatron_ext.ops.attention_ref import check_attn_args
 from megatron_ext.ops.cpu_flash import FusedCPUTiles, fused_cpu_available
+from megatron_ext.ops.triton import triton_attention, triton_attention_supported
 
 __all__ = ["BACKENDS", "DEFAULT_BACKEND", "attention_func", "select_backend"]
 
-BACKENDS = ("auto", "cpu_fused", "cpu_blockwise", "torch_blockwise", "flash_attn")
+BACKENDS = ("auto", "cpu_fused", "cpu_blockwise", "torch_blockwise", "flash_attn", "triton")
 DEFAULT_BACKEND: str | None = None
 """Overrides ``backend="auto"`` when not None (a test hook)."""
 
@@ -62,6 +65,12 @@ def select_backend(
         and _load_flash_attn() is not None
     ):
         return "flash_attn"
+    if (
+        q.device.type == "cuda"
+        and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
+        and triton_attention_supported(q, window=window, chunk=chunk, doc_ids=doc_ids)
+    ):
+        return "triton"
     return "torch_blockwise"
 
 
@@ -230,6 +239,16 @@ def attention_func(
             "backend='cpu_fused' handles plain causal/full masks only; use 'cpu_blockwise' for "
             f"window={window}, chunk={chunk}, doc_ids={'set' if doc_ids is not None else None}"
         )
+    if backend == "triton":
+        if not triton_attention_supported(q, window=window, chunk=chunk, doc_ids=doc_ids):
+            raise ValueError(
+                f"backend='triton' needs triton, head dim in (16, 32, 64, 128, 256) (got "
+                f"{q.shape[-1]}) and chunk only without window / doc_ids (chunk={chunk})"
+            )
+        return triton_attention(
+            q, k, v, causal=causal, window=window, chunk=chunk, softmax_scale=scale,
+            q_offset=q_offset, doc_ids=doc_ids,
+        )  # fmt: skip
     if backend == "flash_attn":
         flash_fn = _load_flash_attn()
         if flash_fn is None or chunk is not None or doc_ids is not None:
