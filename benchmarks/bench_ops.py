@@ -174,14 +174,19 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+CLOCK = time.perf_counter
+"""Timer: wall clock (default) or, with --clock cpu, this process's CPU time, which stays
+meaningful on a shared machine when torch runs one thread (it then equals the compute time)."""
+
+
 def _fwd_bwd(fn: Callable[[dict], torch.Tensor], x: dict, device: torch.device) -> float:
     for t in x.values():
         t.grad = None
     _sync(device)
-    t0 = time.perf_counter()
+    t0 = CLOCK()
     fn(x).sum().backward()
     _sync(device)
-    return time.perf_counter() - t0
+    return CLOCK() - t0
 
 
 def _rss_kib() -> tuple[int, int]:
@@ -206,8 +211,11 @@ def _peak_mib(fn: Callable[[dict], torch.Tensor], x: dict, device: torch.device)
     return (_rss_kib()[1] - before) / 1024
 
 
-def measure(name: str, S: int, device: str, reps: int, threads: int) -> dict:
+def measure(name: str, S: int, device: str, reps: int, threads: int, clock: str = "wall"
+            ) -> dict:
     """Time and measure one (case, S) in this process; returns a result row."""
+    global CLOCK
+    CLOCK = time.process_time if clock == "cpu" else time.perf_counter
     if threads > 0:
         torch.set_num_threads(threads)
     case, dev = CASES[name], torch.device(device)
@@ -229,8 +237,10 @@ def measure(name: str, S: int, device: str, reps: int, threads: int) -> dict:
     }  # fmt: skip
 
 
-def run_child(name: str, S: int, device: str, reps: int, threads: int) -> dict:
-    cmd = [sys.executable, __file__, "--child", name, str(S), device, str(reps), str(threads)]
+def run_child(name: str, S: int, device: str, reps: int, threads: int, clock: str = "wall"
+              ) -> dict:
+    cmd = [sys.executable, __file__, "--child", name, str(S), device, str(reps), str(threads),
+           clock]
     # A fixed glibc mmap threshold: buffers >= 64 KiB are mmap-backed and returned to the OS
     # when freed (the default dynamic threshold would serve the measured run from memory
     # cached during the warm-up, hiding it from the RSS high-water mark).
@@ -292,11 +302,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
     p.add_argument("--write", action="store_true", help="update docs/benchmarks.md")
-    p.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="wall clock, or process CPU time (use with --threads 1 on a busy host)")
+    p.add_argument("--child", nargs=6, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
-        name, S, device, reps, threads = args.child
-        print(json.dumps(measure(name, int(S), device, int(reps), int(threads))))
+        name, S, device, reps, threads, clock = args.child
+        print(json.dumps(measure(name, int(S), device, int(reps), int(threads), clock)))
         return
     sizes = args.sizes or (QUICK_SIZES if args.quick else FULL_SIZES)
     names = args.cases or list(CASES)
@@ -306,7 +318,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for n in names:
         for S in sizes:
-            rows.append(run_child(n, S, args.device, args.reps, args.threads))
+            rows.append(run_child(n, S, args.device, args.reps, args.threads, args.clock))
             r = rows[-1]
             print(f"{n:18s} S={S:6d} ours {r['ours_ms']:9.1f} ms  base {r['base_ms']:9.1f} ms  "
                   f"ratio {r['ratio']:.2f}  mem {r['ours_mib']:.1f} / {r['base_mib']:.1f} MiB",

@@ -49,13 +49,15 @@ class LayerAttention:
 
 
 def _per_layer(value: int | list[int] | None, num_layers: int, name: str) -> list[int] | None:
-    """Expand an upstream-style int frequency into the per-layer list (1 on every N-th layer)."""
+    """Expand an upstream-style int skip frequency N into the per-layer list (1 = windowed or
+    chunked). As upstream `window_attn_skip_freq`: every N-th layer is skipped (0, full
+    attention) and the others get 1."""
     if value is None:
         return None
     if isinstance(value, int):
         if value < 1:
             raise ValueError(f"{name}={value}; expected a positive int or a per-layer list")
-        return [1 if (i + 1) % value == 0 else 0 for i in range(num_layers)]
+        return [0 if (i + 1) % value == 0 else 1 for i in range(num_layers)]
     values = list(value)
     if len(values) != num_layers or any(v not in (0, 1) for v in values):
         raise ValueError(f"{name}={values}; expected {num_layers} entries of 0 or 1")
@@ -138,6 +140,14 @@ class ExtTransformerConfig(TransformerConfig):
                                  f"{self.dca_chunk_size}; expected 0 <= local < chunk")
         if v == "coca" and self.rotary_percent != 1.0:
             raise ValueError(f"CoCA rotates the whole head; rotary_percent={self.rotary_percent}")
+        if v == "dca" and (self.rotary_percent != 1.0 or self.rope_scaling is not None):
+            raise ValueError(f"attention_variant='dca' rotates the whole head with plain RoPE at "
+                             f"remapped positions; rotary_percent={self.rotary_percent} and "
+                             f"rope_scaling={self.rope_scaling} are not supported (use 1.0, None)")
+        if v in ("dca", "coca", "nope") and self.qk_l2_norm:
+            raise ValueError(f"attention_variant={v!r} with qk_l2_norm=True: the Llama-4 L2 "
+                             "QK-norm applies after RoPE and is only implemented for rope / "
+                             "hybrid layers")
         if v in ("dca", "coca") and (self.window_size or self.attention_chunk_size):
             raise ValueError(f"attention_variant={v!r} cannot be combined with window_size or "
                              "attention_chunk_size")
