@@ -88,6 +88,35 @@ def _loss(model, batch: dict, mask_documents: bool) -> tuple[torch.Tensor, torch
     return (per_token.float() * mask).sum(), mask.sum()
 
 
+def _sync_grads(model, dp_group, tp_group, dp_size: int) -> None:
+    """Finish the gradients the way Megatron's finalize_model_grads does (without its DDP).
+
+    - TP: q/k layernorm weights (qk_layernorm) see only this rank's heads, so their gradients
+      are summed over the TP group; params marked `average_gradients_across_tp_domain` are
+      averaged over it.
+    - DP: every gradient is averaged over the data-parallel group.
+    """
+    tp_sum, tp_avg = [], []
+    for name, p in model.named_parameters():
+        if p.grad is None:
+            continue
+        if getattr(p, "average_gradients_across_tp_domain", False):
+            tp_avg.append(p.grad)
+        elif "q_layernorm" in name or "k_layernorm" in name:
+            tp_sum.append(p.grad)
+    tp = dist.get_world_size(tp_group)
+    if tp > 1:
+        for g in tp_sum + tp_avg:
+            dist.all_reduce(g, group=tp_group)  # SUM; gloo has no AVG
+        for g in tp_avg:
+            g /= tp
+    if dp_size > 1:
+        for p in model.parameters():
+            if p.grad is not None:
+                dist.all_reduce(p.grad, group=dp_group)
+                p.grad /= dp_size
+
+
 def _grad_norm_sq(params: list[torch.nn.Parameter], tp_group) -> torch.Tensor:
     """Squared global grad norm: TP-sharded params summed over the TP group, others once."""
     sharded = torch.zeros((), dtype=torch.float64)
@@ -179,10 +208,7 @@ def train(cfg: RunConfig, *, progress: bool = True) -> dict[str, float]:
             # normalise by the global token count of the step (exact under DP and accumulation)
             dist.all_reduce(tot, group=dp_group)
             (torch.stack(sums).sum() * (dp_size / tot[1].float())).backward()
-            for p in params:
-                if p.grad is not None and dp_size > 1:
-                    dist.all_reduce(p.grad, group=dp_group)
-                    p.grad /= dp_size
+            _sync_grads(model, dp_group, tp_group, dp_size)
             gnorm = _grad_norm_sq(params, tp_group).sqrt().item()
             if cfg.train.grad_clip and gnorm > cfg.train.grad_clip:
                 for p in params:
