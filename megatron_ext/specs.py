@@ -76,9 +76,12 @@ def _variant_fields(model_cfg: ModelConfig, attn: AttentionConfig) -> dict:
     return out
 
 
+_COMM_TYPE = {"ring": "p2p", "allgather": "all_gather", "a2a": "a2a"}
+
+
 def ext_transformer_config(
     model_cfg: ModelConfig, attn_cfg: AttentionConfig, *, tp: int = 1, dtype: str = "fp32",
-    perform_initialization: bool = True,
+    perform_initialization: bool = True, cp: int = 1, cp_algorithm: str = "ring",
 ) -> ExtTransformerConfig:
     """The Megatron config (an `ExtTransformerConfig`) for the model and attention sections."""
     if attn_cfg.variant == "longheads":
@@ -101,6 +104,8 @@ def ext_transformer_config(
         hidden_dropout=model_cfg.hidden_dropout,
         attention_dropout=model_cfg.attention_dropout,
         tensor_model_parallel_size=tp,
+        context_parallel_size=cp,
+        cp_comm_type=_COMM_TYPE[cp_algorithm],
         use_cpu_initialization=True,
         perform_initialization=perform_initialization,
         params_dtype=_DTYPES[dtype],
@@ -151,10 +156,18 @@ def build_gpt_model(
     tp: int = 1,
     dtype: str = "fp32",
     perform_initialization: bool = True,
+    cp: int = 1,
+    cp_algorithm: str = "ring",
 ) -> GPTModel:
-    """A GPTModel for the given sections. Megatron's parallel state must be initialised."""
+    """A GPTModel for the given sections. Megatron's parallel state must be initialised.
+
+    With `cp` > 1 the core attention runs context parallel over Megatron's CP group
+    (`cp_algorithm` for global layers; sliding-window and chunked layers use the halo plan);
+    batches must then be sharded with `megatron_ext.parallel.batch.cp_shard_batch`.
+    """
     config = ext_transformer_config(model_cfg, attn_cfg, tp=tp, dtype=dtype,
-                                    perform_initialization=perform_initialization)
+                                    perform_initialization=perform_initialization, cp=cp,
+                                    cp_algorithm=cp_algorithm)
     vocab = model_cfg.vocab_size or vocab_size
     if vocab % tp:
         raise ValueError(f"vocab size {vocab} is not divisible by tensor_parallel_size={tp}")

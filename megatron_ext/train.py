@@ -44,10 +44,6 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 def _refuse_unimplemented(cfg: RunConfig) -> None:
-    if cfg.parallel.context_parallel_size > 1:
-        raise NotImplementedError(
-            f"parallel.context_parallel_size={cfg.parallel.context_parallel_size}: context "
-            "parallelism is not implemented yet; use 1")
     if cfg.deepspeed.enabled:
         raise NotImplementedError("deepspeed.enabled=true: the DeepSpeed engine path is not "
                                   "implemented yet; use false")
@@ -71,11 +67,24 @@ def _batches(packed, cfg: RunConfig, dp_rank: int, dp_size: int) -> Iterator[dic
         epoch += 1
 
 
-def _loss(model, batch: dict, mask_documents: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed token loss and token count of one micro-batch."""
+def _loss(model, batch: dict, mask_documents: bool, cp: tuple[str, int, int] | None = None
+          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed token loss and token count of one micro-batch (this CP rank's shard of it)."""
     from megatron_ext.data.packing import IGNORE_INDEX
     from megatron_ext.layers.core_attention import SequenceInfo
 
+    if cp is not None:  # (layout, cp size, cp rank): keep this rank's tokens
+        from megatron_ext.parallel.batch import cp_shard_batch
+
+        layout, cp_size, cp_rank = cp
+        local, lay = cp_shard_batch(batch, layout=layout, world_size=cp_size, rank=cp_rank,
+                                    mask_documents=mask_documents)
+        labels = local["labels"]
+        mask = labels != IGNORE_INDEX
+        info = SequenceInfo(local["positions"], cp_layout=lay)
+        per_token = model(local["tokens"], local["positions"].clamp(min=0), info,
+                          labels=labels.masked_fill(~mask, 0))
+        return (per_token.float() * mask).sum(), mask.sum()
     labels = batch["labels"]
     mask = labels != IGNORE_INDEX
     if mask_documents:
@@ -94,7 +103,9 @@ def _sync_grads(model, dp_group, tp_group, dp_size: int) -> None:
     - TP: q/k layernorm weights (qk_layernorm) see only this rank's heads, so their gradients
       are summed over the TP group; params marked `average_gradients_across_tp_domain` are
       averaged over it.
-    - DP: every gradient is averaged over the data-parallel group.
+    - DP x CP: each rank's loss is its tokens' summed loss x dp_size / global token count, so
+      summing over the data-and-context-parallel group and dividing by dp_size gives the
+      gradient of the global mean.
     """
     tp_sum, tp_avg = [], []
     for name, p in model.named_parameters():
@@ -110,7 +121,7 @@ def _sync_grads(model, dp_group, tp_group, dp_size: int) -> None:
             dist.all_reduce(g, group=tp_group)  # SUM; gloo has no AVG
         for g in tp_avg:
             g /= tp
-    if dp_size > 1:
+    if dist.get_world_size(dp_group) > 1:  # data x context parallel ranks
         for p in model.parameters():
             if p.grad is not None:
                 dist.all_reduce(p.grad, group=dp_group)
@@ -148,16 +159,27 @@ def train(cfg: RunConfig, *, progress: bool = True) -> dict[str, float]:
     world = dist.get_world_size()
     if world % tp:
         raise ValueError(f"world size {world} is not divisible by tensor_parallel_size={tp}")
-    ps.initialize_model_parallel(tensor_model_parallel_size=tp)
-    dp_group, tp_group = ps.get_data_parallel_group(), ps.get_tensor_model_parallel_group()
+    cp_size = cfg.parallel.context_parallel_size
+    if world % (tp * cp_size):
+        raise ValueError(f"world size {world} is not divisible by tensor_parallel_size={tp} x "
+                         f"context_parallel_size={cp_size}")
+    ps.initialize_model_parallel(tensor_model_parallel_size=tp, context_parallel_size=cp_size)
+    tp_group = ps.get_tensor_model_parallel_group()
+    # gradients and token counts are summed over data AND context parallel ranks
+    dp_group = ps.get_data_parallel_group(with_context_parallel=True)
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
-    print0(f"world {world}: tensor parallel {tp} x data parallel {dp_size}")
+    cp = None
+    if cp_size > 1:
+        cp = (cfg.parallel.cp_layout, cp_size, ps.get_context_parallel_rank())
+    print0(f"world {world}: tensor parallel {tp} x context parallel {cp_size} "
+           f"({cfg.parallel.cp_layout}, {cfg.parallel.cp_algorithm}) x data parallel {dp_size}")
 
     torch.manual_seed(cfg.train.seed)
     data = build_datasets(cfg.data, seed=cfg.train.seed, progress=progress and is_main())
     print0(f"packed {len(data.train)} train / {len(data.eval)} held-out sequences of "
            f"{cfg.data.seq_length} tokens (vocab {data.vocab_size})")
     model = build_gpt_model(cfg.model, cfg.attention, vocab_size=data.vocab_size, tp=tp,
+                            cp=cp_size, cp_algorithm=cfg.parallel.cp_algorithm,
                             dtype=cfg.train.dtype)
     n_params = sum(p.numel() for p in model.parameters())
     print0(f"GPTModel: {n_params:,} parameters per rank")
@@ -183,7 +205,7 @@ def train(cfg: RunConfig, *, progress: bool = True) -> dict[str, float]:
             for i, batch in enumerate(_batches(data.eval, cfg, dp_rank, dp_size)):
                 if i >= cfg.train.eval_batches:
                     break
-                s, n = _loss(model, batch, mask_docs)
+                s, n = _loss(model, batch, mask_docs, cp)
                 tot += torch.stack([s.double(), n.double()])
         dist.all_reduce(tot, group=dp_group)
         model.train()
@@ -202,7 +224,7 @@ def train(cfg: RunConfig, *, progress: bool = True) -> dict[str, float]:
             tot = torch.zeros(2, dtype=torch.float64)
             sums = []
             for _ in range(cfg.train.grad_accum_steps):
-                s, n = _loss(model, next(batches), mask_docs)
+                s, n = _loss(model, next(batches), mask_docs, cp)
                 sums.append(s)
                 tot += torch.stack([s.detach().double(), n.double()])
             # normalise by the global token count of the step (exact under DP and accumulation)

@@ -1,4 +1,4 @@
-"""Shared test helpers: run a function on several CPU ranks (gloo) that meet via a FileStore.
+"""Shared test utilities: run a function on several CPU ranks (gloo) that meet via a FileStore.
 
 ``run_distributed(fn, world_size, tmp_path, **kw)`` spawns ``world_size`` processes; each joins a
 process group through a FileStore in ``tmp_path`` (no fixed port), runs ``fn(rank, group, **kw)``

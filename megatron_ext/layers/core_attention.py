@@ -26,6 +26,9 @@ from megatron_ext.layers.transformer_config import ExtTransformerConfig, LayerAt
 from megatron_ext.ops import apply_rope, attention_func
 from megatron_ext.ops.qk_norm import l2_norm_post_rope
 from megatron_ext.ops.rope import llama4_attn_temperature
+from megatron_ext.parallel import CPLayout, cp_attn_func
+
+_PLAN_OF_COMM_TYPE = {"p2p": "ring", "all_gather": "allgather", "a2a": "a2a"}
 
 
 @dataclass
@@ -39,6 +42,9 @@ class SequenceInfo:
     positions: torch.Tensor
     doc_ids: torch.Tensor | None = None
     seq_len: int | None = None
+    cp_layout: CPLayout | None = None
+    """Context parallelism: where every token of the global batch lives (this rank holds its
+    shard; positions above are then the shard's, -1 on padding slots)."""
 
 
 def chunk_run_ids(positions: torch.Tensor, doc_ids: torch.Tensor | None, chunk: int
@@ -75,10 +81,16 @@ class _OpsCoreAttention(MegatronModule):
                             f"{type(config).__name__}")
         if attention_type != "self":
             raise ValueError(f"attention_type={attention_type!r}: only self-attention")
+        self.cp_group = None
         if config.context_parallel_size > 1:
-            raise ValueError(
-                f"context_parallel_size={config.context_parallel_size}: the Megatron wiring of "
-                "context parallelism is not implemented yet; use 1")
+            cp = getattr(pg_collection, "cp", None) if pg_collection is not None else None
+            if cp is None:
+                from megatron.core import parallel_state as ps
+
+                cp = ps.get_context_parallel_group()
+            self.cp_group = cp
+        # Megatron's cp_comm_type names -> our plans (window / chunked layers always use halo)
+        self.cp_plan = _PLAN_OF_COMM_TYPE.get(cp_comm_type) if cp_comm_type else None
         p = config.attention_dropout if attention_dropout is None else attention_dropout
         if p:
             raise ValueError(f"attention_dropout={p}: not supported by these kernels; use 0")
@@ -103,7 +115,17 @@ class _OpsCoreAttention(MegatronModule):
             raise ValueError(f"SequenceInfo.positions shape {tuple(info.positions.shape)}; "
                              f"expected {(B, S)}")
         doc_ids = info.doc_ids if self.config.mask_documents else None
+        if self.cp_group is not None and info.cp_layout is None:
+            raise ValueError(
+                f"context_parallel_size={self.config.context_parallel_size}: the SequenceInfo "
+                "must carry the batch's cp_layout (megatron_ext.parallel.batch.cp_shard_batch)")
         return q, k, v, info, doc_ids
+
+    def _cp_attention(self, q, k, v, info: SequenceInfo, attn: str, **kwargs) -> torch.Tensor:
+        """Context-parallel attention of this rank's shard (the plan owns the communication)."""
+        plan = None if attn in ("window", "chunked") else self.cp_plan
+        return cp_attn_func(q, k, v, group=self.cp_group, attn=attn, plan=plan,
+                            layout=info.cp_layout, softmax_scale=self.softmax_scale, **kwargs)
 
     @staticmethod
     def _output(out: torch.Tensor) -> torch.Tensor:
@@ -121,7 +143,7 @@ class ExtCoreAttention(_OpsCoreAttention):
         q, k, v, info, doc_ids = self._inputs(query, key, value, attention_mask,
                                               packed_seq_params)
         cfg, layer = self.config, self.layer
-        pos = info.positions
+        pos = info.positions.clamp(min=0)  # CP padding slots (-1) are never visible
         if layer.rope:
             rot = {"theta": cfg.rotary_base, "scaling": cfg.rope_scaling_ops(),
                    "rotary_dim": int(cfg.kv_channels * cfg.rotary_percent),
@@ -134,6 +156,14 @@ class ExtCoreAttention(_OpsCoreAttention):
             floor_scale, attn_scale = layer.temperature
             factor = llama4_attn_temperature(pos, floor_scale=floor_scale, attn_scale=attn_scale)
             q = q * factor.to(q.dtype)[..., None, None]
+        if self.cp_group is not None:
+            if layer.window is not None:
+                out = self._cp_attention(q, k, v, info, "window", window=layer.window)
+            elif layer.chunk is not None:
+                out = self._cp_attention(q, k, v, info, "chunked", chunk=layer.chunk)
+            else:
+                out = self._cp_attention(q, k, v, info, "plain")
+            return self._output(out)
         if layer.chunk is not None:
             doc_ids = chunk_run_ids(pos, doc_ids, layer.chunk)
         out, _ = attention_func(q, k, v, causal=True, window=layer.window,

@@ -39,11 +39,20 @@ class DualChunkCoreAttention(_OpsCoreAttention):
             raise ValueError("attention_bias is not supported")
         q, k, v, info, doc_ids = self._inputs(query, key, value, attention_mask,
                                               packed_seq_params)
+        cfg = self.config
+        if self.cp_group is not None:
+            if not self.layer.rope:
+                return self._output(self._cp_attention(q, k, v, info, "plain"))
+            out = self._cp_attention(
+                q, k, v, info, "dca", chunk_size=cfg.dca_chunk_size,
+                local_size=cfg.dca_local_size, theta=cfg.rotary_base,
+                original_max_position_embeddings=cfg.dca_original_max_position_embeddings,
+                seq_len=info.seq_len)
+            return self._output(out)
         if not self.layer.rope:
             out, _ = attention_func(q, k, v, causal=True, softmax_scale=self.softmax_scale,
                                     doc_ids=doc_ids)
             return self._output(out)
-        cfg = self.config
         sizes = {"chunk_size": cfg.dca_chunk_size, "local_size": cfg.dca_local_size,
                  "theta": cfg.rotary_base}
         pos = info.positions
