@@ -31,10 +31,8 @@ class CoCACoreAttention(_OpsCoreAttention):
 
     def forward(self, query, t, value, attention_mask, attn_mask_type=None,
                 attention_bias=None, packed_seq_params=None):
-        if attention_bias is not None:
-            raise ValueError("attention_bias is not supported")
         q, t, v, info, doc_ids = self._inputs(query, t, value, attention_mask,
-                                              packed_seq_params)
+                                              packed_seq_params, attention_bias)
         cfg = self.config
         rope = {"form": cfg.coca_form, "theta": cfg.rotary_base,
                 "scaling": cfg.rope_scaling_ops(), "seq_len": info.seq_len}

@@ -98,7 +98,9 @@ class _OpsCoreAttention(MegatronModule):
         self.softmax_scale = softmax_scale
         self.layer: LayerAttention = config.layer_attention(layer_number)
 
-    def _inputs(self, query, key, value, attention_mask, packed_seq_params):
+    def _inputs(self, query, key, value, attention_mask, packed_seq_params, attention_bias=None):
+        if attention_bias is not None:
+            raise ValueError("attention_bias is not supported")
         if packed_seq_params is not None:
             raise ValueError("packed_seq_params (thd) is not supported; pass a SequenceInfo "
                              "with doc_ids as attention_mask instead")
@@ -138,10 +140,8 @@ class ExtCoreAttention(_OpsCoreAttention):
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None,
                 attention_bias=None, packed_seq_params=None) -> torch.Tensor:
-        if attention_bias is not None:
-            raise ValueError("attention_bias is not supported")
         q, k, v, info, doc_ids = self._inputs(query, key, value, attention_mask,
-                                              packed_seq_params)
+                                              packed_seq_params, attention_bias)
         cfg, layer = self.config, self.layer
         pos = info.positions.clamp(min=0)  # CP padding slots (-1) are never visible
         if layer.rope:

@@ -16,18 +16,7 @@ import torch
 from megatron_ext.layers.core_attention import _OpsCoreAttention
 from megatron_ext.ops import attention_func
 from megatron_ext.ops.dual_chunk import dca_rotate_keys, dca_temperature, dual_chunk_block
-
-
-def document_lengths(positions: torch.Tensor, doc_ids: torch.Tensor | None) -> torch.Tensor:
-    """Per token, max position + 1 over its document in the row ([B, S] int64)."""
-    if doc_ids is None:
-        return (positions.max(dim=1, keepdim=True).values + 1).expand_as(positions)
-    # documents are runs of equal consecutive ids; number the runs, then scatter-max per run
-    starts = torch.ones_like(doc_ids, dtype=torch.bool)
-    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
-    run = torch.cumsum(starts.long(), dim=1) - 1
-    longest = torch.zeros_like(positions).scatter_reduce(1, run, positions, "amax")
-    return torch.gather(longest, 1, run) + 1
+from megatron_ext.parallel.batch import document_lengths
 
 
 class DualChunkCoreAttention(_OpsCoreAttention):
@@ -35,10 +24,8 @@ class DualChunkCoreAttention(_OpsCoreAttention):
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None,
                 attention_bias=None, packed_seq_params=None) -> torch.Tensor:
-        if attention_bias is not None:
-            raise ValueError("attention_bias is not supported")
         q, k, v, info, doc_ids = self._inputs(query, key, value, attention_mask,
-                                              packed_seq_params)
+                                              packed_seq_params, attention_bias)
         cfg = self.config
         if self.cp_group is not None:
             if not self.layer.rope:
@@ -72,4 +59,4 @@ class DualChunkCoreAttention(_OpsCoreAttention):
         return self._output(out)
 
 
-__all__ = ["DualChunkCoreAttention", "document_lengths"]
+__all__ = ["DualChunkCoreAttention"]

@@ -18,8 +18,8 @@ from megatron_ext.parallel.sharding import CPLayout, make_layout, shard_tensor
 IGNORE_INDEX = -100
 
 
-def _doc_lengths(positions: torch.Tensor, doc_ids: torch.Tensor | None) -> torch.Tensor:
-    """Per token, max position + 1 over its document (runs of equal ids) in the row."""
+def document_lengths(positions: torch.Tensor, doc_ids: torch.Tensor | None) -> torch.Tensor:
+    """Per token, max position + 1 over its document (runs of equal ids) in the row [B, S]."""
     if doc_ids is None:
         return (positions.max(dim=1, keepdim=True).values + 1).expand_as(positions)
     starts = torch.ones_like(doc_ids, dtype=torch.bool)
@@ -41,7 +41,7 @@ def batch_layout(
     real = index >= 0
     safe = index.clamp(min=0)
     pos = positions.cpu().long()
-    lengths = _doc_lengths(pos, None if doc_ids is None else doc_ids.cpu())
+    lengths = document_lengths(pos, None if doc_ids is None else doc_ids.cpu())
     gathered_pos = torch.stack([torch.gather(pos, 1, safe[r]) for r in range(world_size)])
     gathered_len = torch.stack([torch.gather(lengths, 1, safe[r]) for r in range(world_size)])
     doc = lay.doc_ids.expand(-1, B, -1) if lay.doc_ids.shape[1] == 1 and B > 1 else lay.doc_ids
@@ -81,4 +81,4 @@ def cp_shard_batch(
     return local, lay
 
 
-__all__ = ["batch_layout", "cp_shard_batch"]
+__all__ = ["batch_layout", "cp_shard_batch", "document_lengths"]
