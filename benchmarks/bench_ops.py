@@ -245,7 +245,10 @@ def run_child(name: str, S: int, device: str, reps: int, threads: int, clock: st
     # when freed (the default dynamic threshold would serve the measured run from memory
     # cached during the warm-up, hiding it from the RSS high-water mark).
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-    res = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT, env=env)
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
+    if res.returncode != 0:
+        raise RuntimeError(f"benchmark child {name} S={S} failed (exit {res.returncode}):\n"
+                           f"{res.stderr[-3000:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
@@ -315,6 +318,9 @@ def main(argv: list[str] | None = None) -> None:
     for n in names:
         if n not in CASES:
             raise ValueError(f"--cases {n!r}; expected names from {list(CASES)}")
+    command = "python benchmarks/bench_ops.py " + " ".join(
+        argv if argv is not None else sys.argv[1:]
+    )
     rows = []
     for n in names:
         for S in sizes:
@@ -323,15 +329,11 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{n:18s} S={S:6d} ours {r['ours_ms']:9.1f} ms  base {r['base_ms']:9.1f} ms  "
                   f"ratio {r['ratio']:.2f}  mem {r['ours_mib']:.1f} / {r['base_mib']:.1f} MiB",
                   flush=True)  # fmt: skip
-    command = "python benchmarks/bench_ops.py " + " ".join(
-        argv if argv is not None else sys.argv[1:]
-    )
-    print(table(rows, args.device, args.threads, command.strip()))
-    if args.write and not args.quick:
-        for n in names:
+        if args.write and not args.quick:  # each case as soon as it is complete
             case_rows = [r for r in rows if r["case"] == n]
             write_section(n, table(case_rows, args.device, args.threads, command.strip()))
-        print(f"wrote {DOC.relative_to(ROOT)}")
+            print(f"wrote {n} into {DOC.relative_to(ROOT)}", flush=True)
+    print(table(rows, args.device, args.threads, command.strip()))
 
 
 if __name__ == "__main__":
