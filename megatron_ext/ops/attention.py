@@ -15,8 +15,8 @@ cpu_blockwise      window / chunk / doc_ids on CPU: the planner's pieces on the 
 torch_blockwise    any device and dtype: the planner's pieces in plain torch (fp32 / fp64)
 flash_attn         CUDA with flash-attn importable, fp16/bf16, no chunk / doc_ids: flash-attn
                    forward; flash-attn backward unless lse has a gradient (then blockwise)
-triton             CUDA fp16/bf16/fp32 where flash_attn is absent or does not apply (doc_ids,
-                   fp32, chunk without window / doc_ids), head dim 16..256: ``ops/triton``
+triton             CUDA fp16/bf16 where flash_attn is absent or does not apply (doc_ids, or
+                   chunk without window / doc_ids), head dim 16..256: ``ops/triton``
 =================  =====================================================================
 
 ``DEFAULT_BACKEND`` (module level) replaces ``"auto"`` when set, e.g. by tests.
@@ -67,7 +67,7 @@ def select_backend(
         return "flash_attn"
     if (
         q.device.type == "cuda"
-        and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
+        and q.dtype in (torch.float16, torch.bfloat16)
         and triton_attention_supported(q, window=window, chunk=chunk, doc_ids=doc_ids)
     ):
         return "triton"

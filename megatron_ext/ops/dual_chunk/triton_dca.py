@@ -21,7 +21,7 @@ from megatron_ext.ops.triton import triton_attention_supported, triton_dca_atten
 __all__ = ["USE_TRITON", "dual_chunk_attn_triton", "use_triton"]
 
 USE_TRITON: bool | None = None
-"""None: the fused kernel for CUDA fp16 / bf16 / fp32 inputs without doc_ids, torch otherwise;
+"""None: the fused kernel for CUDA fp16 / bf16 inputs without doc_ids, torch otherwise;
 True forces it (tests, on CPU under ``TRITON_INTERPRET=1``); False never uses it."""
 
 
@@ -33,12 +33,13 @@ def use_triton(q: torch.Tensor, doc_ids: torch.Tensor | None) -> bool:
         if doc_ids is not None or not triton_attention_supported(q):
             raise ValueError(
                 f"triton_dca.USE_TRITON=True but the inputs are unsupported (D={q.shape[-1]}, "
-                f"dtype={q.dtype}, doc_ids={'set' if doc_ids is not None else None}); the fused "
-                "kernel takes no doc_ids and D in triton.HEAD_DIMS"
+                f"dtype={q.dtype}, device={q.device}, doc_ids="
+                f"{'set' if doc_ids is not None else None}); the fused kernel takes no doc_ids, "
+                "D in triton.HEAD_DIMS, and CUDA tensors (CPU only under the Triton interpreter)"
             )
         return True
-    fast = q.dtype in (torch.float16, torch.bfloat16, torch.float32)
-    return q.is_cuda and fast and doc_ids is None and triton_attention_supported(q)
+    half = q.dtype in (torch.float16, torch.bfloat16)  # fp32 / fp64 stay on the torch passes
+    return q.is_cuda and half and doc_ids is None and triton_attention_supported(q)
 
 
 def dual_chunk_attn_triton(

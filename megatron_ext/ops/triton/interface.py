@@ -18,7 +18,7 @@ import torch
 from megatron_ext.ops.attention_ref import check_attn_args, document_runs
 from megatron_ext.ops.triton.attention_bwd import attention_bwd
 from megatron_ext.ops.triton.attention_fwd import attention_fwd
-from megatron_ext.ops.triton.tiles import triton_available
+from megatron_ext.ops.triton.tiles import kernels_interpreted, triton_available
 
 __all__ = [
     "CPU_BLOCKS",
@@ -38,25 +38,40 @@ already cross several tiles and ragged edges. Tests may change it."""
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+# Tile sizes per (head dim, 16-bit or not): fwd (BLOCK_M x BLOCK_N), dq (BLOCK_M_DQ x BLOCK_N_DQ),
+# dk/dv (BLOCK_M_KV query rows x BLOCK_N_KV keys), warps, pipeline stages. Chosen so that the
+# sm_90 builds of the plain and DCA kernels compile without register spills (ptxas resource
+# usage of an ahead-of-time compile); speed is not tuned yet (see README.md).
+_GPU_CONFIGS = {
+    # D <= 32: 4 warps; D <= 64 and 128: 8 warps; 256: small tiles.
+    (32, True): (128, 64, 64, 64, 32, 128, 4, 3),
+    (64, True): (128, 64, 128, 64, 32, 128, 8, 3),
+    (128, True): (128, 64, 128, 32, 16, 128, 8, 3),
+    (256, True): (64, 32, 64, 16, 16, 32, 8, 2),
+    # fp32 / fp64 (no tensor-core dot): small tiles; D >= 128 still spills (opt-in path only).
+    (32, False): (32, 32, 32, 32, 16, 32, 4, 2),
+    (64, False): (32, 32, 32, 32, 16, 32, 4, 2),
+    (128, False): (32, 32, 32, 32, 16, 16, 4, 2),
+    (256, False): (16, 16, 16, 16, 16, 16, 4, 1),
+}
+_CONFIG_KEYS = (
+    "BLOCK_M", "BLOCK_N", "BLOCK_M_DQ", "BLOCK_N_DQ", "BLOCK_M_KV", "BLOCK_N_KV", "num_warps",
+    "num_stages",
+)  # fmt: skip
+
+
+def _gpu_config(q: torch.Tensor) -> dict:
+    """The GPU tile configuration for inputs like q (any device; read by the resource check)."""
+    half = q.dtype in (torch.float16, torch.bfloat16)
+    return dict(zip(_CONFIG_KEYS, _GPU_CONFIGS[(max(32, q.shape[-1]), half)]))
+
+
 def _config(q: torch.Tensor) -> dict:
-    """Tile sizes: tiny on CPU; on GPU a fixed starting point per head dim (not yet tuned)."""
-    if q.device.type != "cuda":
-        bm, bn = CPU_BLOCKS
-        return {
-            "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_M_KV": bm, "BLOCK_N_KV": bn,
-            "num_warps": 4, "num_stages": 1,
-        }  # fmt: skip
-    D, wide = q.shape[-1], q.dtype in (torch.float32, torch.float64)
-    if D <= 64:
-        cfg = {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_M_KV": 32, "BLOCK_N_KV": 128, "num_warps": 4}
-    elif D <= 128:
-        cfg = {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_M_KV": 32, "BLOCK_N_KV": 64, "num_warps": 8}
-    else:
-        cfg = {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_M_KV": 16, "BLOCK_N_KV": 32, "num_warps": 8}
-    if wide:  # twice the register bytes per element
-        cfg = {k: max(16, v // 2) if k.startswith("BLOCK") else v for k, v in cfg.items()}
-    cfg["num_stages"] = 2 if D > 128 or wide else 3
-    return cfg
+    """Tile sizes: ``CPU_BLOCKS`` everywhere on CPU (the interpreter); ``_GPU_CONFIGS`` on GPU."""
+    if q.device.type == "cuda":
+        return _gpu_config(q)
+    bm, bn = CPU_BLOCKS
+    return dict(zip(_CONFIG_KEYS, (bm, bn, bm, bn, bm, bn, 4, 1)))
 
 
 def _doc_bounds(doc_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,10 +95,12 @@ def triton_attention_supported(
 ) -> bool:
     """Whether ``triton_attention`` takes these inputs on q's device.
 
-    Needs triton, a CUDA tensor (or a CPU tensor under the interpreter, which the caller opts
-    into), a head dim in ``HEAD_DIMS``, and ``chunk`` only without window and doc_ids.
+    Needs triton, a CUDA tensor (or a CPU tensor when the kernels are interpreted), a head dim
+    in ``HEAD_DIMS``, and ``chunk`` only without window and doc_ids.
     """
     if not triton_available() or q.shape[-1] not in HEAD_DIMS or q.dtype not in _DTYPES:
+        return False
+    if q.device.type != "cuda" and not kernels_interpreted():
         return False
     return chunk is None or (window is None and doc_ids is None)
 
@@ -91,6 +108,11 @@ def triton_attention_supported(
 def _check_kernel_inputs(q: torch.Tensor) -> None:
     if not triton_available():
         raise ValueError("triton is not installed; the Triton attention kernels are unavailable")
+    if q.device.type != "cuda" and not kernels_interpreted():
+        raise ValueError(
+            f"q.device={q.device}; the Triton kernels need CUDA tensors, or the Triton "
+            "interpreter for CPU tensors (TRITON_INTERPRET=1 set before triton is imported)"
+        )
     if q.shape[-1] not in HEAD_DIMS:
         raise ValueError(f"head dim D={q.shape[-1]}; the Triton kernels take D in {HEAD_DIMS}")
     if q.dtype not in _DTYPES:
@@ -98,29 +120,26 @@ def _check_kernel_inputs(q: torch.Tensor) -> None:
 
 
 class _TritonAttnFunc(torch.autograd.Function):
-    """(q, k, v) -> (out, lse); backward exact through both outputs."""
+    """(qs [NV, B, Sq, H, D], k, v) -> (out, lse); backward exact through both outputs."""
 
     @staticmethod
-    def forward(ctx, *args):
-        *qs, k, v, opts = args
-        qs, k, v = [q.contiguous() for q in qs], k.contiguous(), v.contiguous()
-        config = _config(qs[0])
-        out, lse = attention_fwd(tuple(qs), k, v, **opts, config=config)
-        ctx.save_for_backward(*qs, k, v, out, lse)
-        ctx.opts, ctx.config, ctx.nq = opts, config, len(qs)
+    def forward(ctx, qs, k, v, opts):
+        qs, k, v = qs.contiguous(), k.contiguous(), v.contiguous()
+        config = _config(qs)
+        out, lse = attention_fwd(qs, k, v, **opts, config=config)
+        ctx.save_for_backward(qs, k, v, out, lse)
+        ctx.opts, ctx.config = opts, config
         ctx.set_materialize_grads(False)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        *qs, k, v, out, lse = ctx.saved_tensors
+        qs, k, v, out, lse = ctx.saved_tensors
         dout = torch.zeros_like(out) if dout is None else dout.contiguous()
         if dlse is not None:
             dlse = dlse.contiguous()
-        dqs, dk, dv = attention_bwd(
-            tuple(qs), k, v, out, lse, dout, dlse, **ctx.opts, config=ctx.config
-        )
-        return (*dqs, dk, dv, None)
+        dqs, dk, dv = attention_bwd(qs, k, v, out, lse, dout, dlse, **ctx.opts, config=ctx.config)
+        return dqs, dk, dv, None
 
 
 def triton_attention(
@@ -170,7 +189,7 @@ def triton_attention(
         "window": window, "chunk_len": chunk or 1,
         "docs": None if doc_ids is None else _doc_bounds(doc_ids.to(q.device)),
     }  # fmt: skip
-    return _TritonAttnFunc.apply(q, k, v, opts)
+    return _TritonAttnFunc.apply(q.unsqueeze(0), k, v, opts)  # a view: no copy
 
 
 def triton_dca_attention(
@@ -219,4 +238,5 @@ def triton_dca_attention(
         "scale": float(softmax_scale), "q_offset": q_offset, "mode": 1, "causal": True,
         "window": None, "chunk_len": chunk_len, "docs": None,
     }  # fmt: skip
-    return _TritonAttnFunc.apply(q_intra, q_succ, q_inter, k_rot, v, opts)
+    qs = torch.stack((q_intra, q_succ, q_inter))  # O(S) copy; dq splits back through stack
+    return _TritonAttnFunc.apply(qs, k_rot, v, opts)

@@ -1,26 +1,22 @@
-"""Tile helpers of the Triton attention kernels: visited ranges, element masks, the dot product.
+"""Tile helpers of the Triton attention kernels: visibility intervals, tile ranges, dot product.
 
-Every kernel walks one axis in tiles (keys for the forward and dq kernels, queries for the dk/dv
-kernel) and needs, for its fixed block on the other axis, two ranges:
+Every mask these kernels take gives each query position i one contiguous interval of visible
+keys ``[lo_i, hi_i)`` and each key j one contiguous interval of query positions that see it
+(../shared/METHODS.md §0 and §5):
 
-- ``[lo, hi)``: positions that at least one element of the fixed block can see (tiles outside
-  are never visited);
-- ``[flo, fhi)``: positions that every element of the fixed block sees (tiles inside need no
-  mask at all).
+- MODE 0 ("mask"): causal ``j <= i``, sliding window ``i - W < j``, same document (documents are
+  runs; ``DS`` / ``DE`` hold each index's run start and end, int32 [B, Sk]);
+- MODE 1 ("chunk"): DCA query variant ``var`` with chunk length C, n = i // C: 0 = intra
+  ``[nC, i]``, 1 = successive ``[(n-1)C, nC)``, 2 = inter ``[0, (n-1)C)``. Variant 0 alone is
+  chunked-local attention.
 
-``split_range`` cuts ``[lo, hi)`` into a masked head, an unmasked middle of whole tiles and a
-masked tail, so the element mask of ``visible`` is evaluated only on fringe tiles.
-
-Two families of masks (../shared/METHODS.md §0 and §5), chosen by the constexpr ``MODE``:
-
-- MODE 0 ("mask"): causal ``j <= i``, sliding window ``i - W < j``, same document (documents
-  given as per-index run starts ``DS`` and ends ``DE``, both [B, Sk] int32);
-- MODE 1 ("chunk"): DCA query variant ``VARIANT`` with chunk length C and
-  ``delta = i // C - j // C``: 0 = intra (``delta == 0`` and ``j <= i``), 1 = successive
-  (``delta == 1``), 2 = inter (``delta >= 2``). Variant 0 alone is chunked-local attention.
-
-Positions are absolute (query row r sits at ``q_offset + r``) and never negative, so integer
-division has the same meaning on the GPU (truncation) and in the interpreter (floor).
+So a kernel computes the interval of each row (``row_interval``) or column (``col_interval``)
+of its fixed block once, and ``span`` reduces them to two ranges along the walked axis:
+``[lo, hi)``, seen by some element (tiles outside are skipped), and ``[flo, fhi)``, seen by
+every element (tiles inside need no mask). ``split_range`` cuts ``[lo, hi)`` into a masked head,
+an unmasked middle of whole tiles and a masked tail; the element mask of a fringe tile is two
+comparisons against the intervals. Positions are never negative, so integer division means the
+same on the GPU (truncation) and in the interpreter (floor).
 
 ``dot`` wraps ``tl.dot``: the Triton interpreter (3.x) stores bf16 as uint16 and multiplies the
 raw bits in ``tl.dot``, so on CPU (``PREC="upcast"``) bf16 operands are converted to fp32 first.
@@ -37,12 +33,25 @@ try:
 except ImportError:  # pragma: no cover - exercised only where triton is absent
     triton = None
 
-__all__ = ["dot_precision", "triton_available"]
+__all__ = ["dot_precision", "kernels_interpreted", "triton_available"]
 
 
 def triton_available() -> bool:
     """Whether triton could be imported."""
     return triton is not None
+
+
+def kernels_interpreted() -> bool:
+    """Whether the kernels run in the Triton interpreter (then they take CPU tensors).
+
+    Read from the kernel objects: triton decorates them as interpreted functions when
+    ``TRITON_INTERPRET=1`` was set before it was imported (the test conftest does this on CPU).
+    """
+    if triton is None:
+        return False
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(split_range, InterpretedFunction)
 
 
 def dot_precision(x: torch.Tensor) -> str:
@@ -76,106 +85,61 @@ if triton is not None:
         return start, l1, l2
 
     @triton.jit
-    def key_range(
-        a0, a1, Sk, window, chunk_len, DS, DE,
-        VARIANT: tl.constexpr, MODE: tl.constexpr, CAUSAL: tl.constexpr,
-        WINDOW: tl.constexpr, HAS_DOC: tl.constexpr,
-    ):  # fmt: skip
-        """Keys seen by some / every query at absolute positions a0..a1 (a0 <= a1 < Sk when
-        causal); DS, DE point at this batch row's document bounds."""
-        zero = a0 * 0
-        if MODE == 0:
-            lo, hi, flo, fhi = zero, zero + Sk, zero, zero + Sk
-            if CAUSAL:
-                hi = tl.minimum(hi, a1 + 1)
-                fhi = tl.minimum(fhi, a0 + 1)
-            if WINDOW:
-                lo = tl.maximum(lo, a0 - window + 1)
-                flo = tl.maximum(flo, a1 - window + 1)
-            if HAS_DOC:
-                lo = tl.maximum(lo, tl.load(DS + a0))
-                hi = tl.minimum(hi, tl.load(DE + a1))
-                flo = tl.maximum(flo, tl.load(DS + a1))
-                fhi = tl.minimum(fhi, tl.load(DE + a0))
-        else:
-            n0 = a0 // chunk_len
-            n1 = a1 // chunk_len
-            if VARIANT == 0:  # own chunk, causal
-                lo, hi = n0 * chunk_len, a1 + 1
-                flo, fhi = n1 * chunk_len, a0 + 1
-            elif VARIANT == 1:  # previous chunk
-                lo, hi = tl.maximum(n0 - 1, 0) * chunk_len, n1 * chunk_len
-                flo, fhi = tl.maximum(n1 - 1, 0) * chunk_len, n0 * chunk_len
-            else:  # all older chunks
-                lo, hi = zero, tl.maximum(n1 - 1, 0) * chunk_len
-                flo, fhi = zero, tl.maximum(n0 - 1, 0) * chunk_len
-            hi = tl.minimum(hi, Sk)
-            fhi = tl.minimum(fhi, Sk)
-        return lo, hi, flo, tl.maximum(fhi, flo)
-
-    @triton.jit
-    def query_range(
-        j0, j1, q_offset, Sq, window, chunk_len, DS, DE,
-        VARIANT: tl.constexpr, MODE: tl.constexpr, CAUSAL: tl.constexpr,
-        WINDOW: tl.constexpr, HAS_DOC: tl.constexpr,
-    ):  # fmt: skip
-        """Query ROWS (not positions) that see some / every key j0..j1, clipped to [0, Sq)."""
-        q_end = q_offset + Sq
-        if MODE == 0:
-            lo, hi, flo, fhi = j0 * 0 + q_offset, j0 * 0 + q_end, j0 * 0 + q_offset, j0 * 0 + q_end
-            if CAUSAL:
-                lo = tl.maximum(lo, j0)
-                flo = tl.maximum(flo, j1)
-            if WINDOW:
-                hi = tl.minimum(hi, j1 + window)
-                fhi = tl.minimum(fhi, j0 + window)
-            if HAS_DOC:
-                lo = tl.maximum(lo, tl.load(DS + j0))
-                hi = tl.minimum(hi, tl.load(DE + j1))
-                flo = tl.maximum(flo, tl.load(DS + j1))
-                fhi = tl.minimum(fhi, tl.load(DE + j0))
-        else:
-            m0 = j0 // chunk_len
-            m1 = j1 // chunk_len
-            if VARIANT == 0:
-                lo, hi = j0, (m1 + 1) * chunk_len
-                flo, fhi = j1, (m0 + 1) * chunk_len
-            elif VARIANT == 1:
-                lo, hi = (m0 + 1) * chunk_len, (m1 + 2) * chunk_len
-                flo, fhi = (m1 + 1) * chunk_len, (m0 + 2) * chunk_len
-            else:
-                lo, hi = (m0 + 2) * chunk_len, j0 * 0 + q_end
-                flo, fhi = (m1 + 2) * chunk_len, j0 * 0 + q_end
-        lo = tl.minimum(tl.maximum(lo, q_offset), q_end) - q_offset
-        hi = tl.minimum(tl.maximum(hi, q_offset), q_end) - q_offset
-        flo = tl.minimum(tl.maximum(flo, q_offset), q_end) - q_offset
-        fhi = tl.minimum(tl.maximum(fhi, q_offset), q_end) - q_offset
+    def span(lo_v, hi_v, ok, n):
+        """([lo, hi), [flo, fhi)): union and intersection of the intervals where ok, in [0, n]."""
+        some = ok & (lo_v < hi_v)
+        lo = tl.min(tl.where(some, lo_v, n), 0)
+        hi = tl.max(tl.where(some, hi_v, 0), 0)
+        flo = tl.max(tl.where(ok, lo_v, 0), 0)
+        fhi = tl.min(tl.where(ok, hi_v, n), 0)
+        lo = tl.minimum(lo, n)
         return lo, tl.maximum(hi, lo), flo, tl.maximum(fhi, flo)
 
     @triton.jit
-    def visible(
-        i, j, q_end, Sk, window, chunk_len, ds_i, ds_j,
-        VARIANT: tl.constexpr, MODE: tl.constexpr, CAUSAL: tl.constexpr,
-        WINDOW: tl.constexpr, HAS_DOC: tl.constexpr,
+    def row_interval(
+        i, ok, Sk, window, chunk_len, DS, DE, var,
+        MODE: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_DOC: tl.constexpr,
     ):  # fmt: skip
-        """Boolean tile: query position i (broadcast) sees key j; out-of-range rows/cols False.
-
-        ds_i, ds_j: document starts of i and j (ignored unless HAS_DOC).
-        """
-        ok = (i < q_end) & (j < Sk)
+        """Keys [lo, hi) seen by query positions i (a vector); empty where not ok."""
+        zero = i * 0
         if MODE == 0:
+            lo, hi = zero, zero + Sk
             if CAUSAL:
-                ok = ok & (j <= i)
+                hi = tl.minimum(hi, i + 1)
             if WINDOW:
-                ok = ok & (j > i - window)
+                lo = tl.maximum(lo, i - window + 1)
             if HAS_DOC:
-                ok = ok & (ds_i == ds_j)
+                lo = tl.maximum(lo, tl.load(DS + i, mask=ok, other=0))
+                hi = tl.minimum(hi, tl.load(DE + i, mask=ok, other=0))
         else:
-            delta = i // chunk_len - j // chunk_len
-            if VARIANT == 0:
-                ok = ok & (delta == 0) & (j <= i)
-            elif VARIANT == 1:
-                ok = ok & (delta == 1)
-            else:
-                ok = ok & (delta >= 2)
-        return ok
+            start = i // chunk_len * chunk_len
+            prev = tl.maximum(start - chunk_len, 0)
+            lo = tl.where(var == 0, start, tl.where(var == 1, prev, zero))
+            hi = tl.where(var == 0, i + 1, tl.where(var == 1, start, prev))
+            hi = tl.minimum(hi, Sk)
+        return lo, tl.where(ok, tl.maximum(hi, lo), lo)
+
+    @triton.jit
+    def col_interval(
+        j, ok, q_offset, Sq, window, chunk_len, DS, DE, var,
+        MODE: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_DOC: tl.constexpr,
+    ):  # fmt: skip
+        """Query ROWS (position - q_offset) [lo, hi) that see keys j (a vector), in [0, Sq]."""
+        q_end = q_offset + Sq
+        zero = j * 0
+        if MODE == 0:
+            lo, hi = zero + q_offset, zero + q_end
+            if CAUSAL:
+                lo = tl.maximum(lo, j)
+            if WINDOW:
+                hi = tl.minimum(hi, j + window)
+            if HAS_DOC:
+                lo = tl.maximum(lo, tl.load(DS + j, mask=ok, other=0))
+                hi = tl.minimum(hi, tl.load(DE + j, mask=ok, other=0))
+        else:  # query chunks m + var (var 0, 1), or m + 2 onwards (var 2), for key chunk m
+            start = j // chunk_len * chunk_len
+            lo = tl.where(var == 0, j, start + var * chunk_len)
+            hi = tl.where(var == 2, zero + q_end, start + (var + 1) * chunk_len)
+        lo = tl.minimum(tl.maximum(lo, q_offset), q_end) - q_offset
+        hi = tl.minimum(tl.maximum(hi, q_offset), q_end) - q_offset
+        return lo, tl.where(ok, tl.maximum(hi, lo), lo)
