@@ -38,6 +38,9 @@ import torch.multiprocessing as mp
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import doc_tables  # noqa: E402
 
 from megatron_ext.ops import attention_func, coca_attn_func, dual_chunk_attn_func  # noqa: E402
 from megatron_ext.parallel import (  # noqa: E402
@@ -49,7 +52,6 @@ from megatron_ext.parallel import (  # noqa: E402
 )
 
 DOC = ROOT / "docs" / "benchmarks.md"
-BEGIN, END = "<!-- bench_cp:begin -->", "<!-- bench_cp:end -->"
 B, H, HKV, D = 1, 8, 8, 64
 QUICK_SIZES, FULL_SIZES = (1024, 2048), (4096, 8192, 16384, 32768, 65536)
 DCA = {"chunk_size": 1536, "local_size": 512}
@@ -168,13 +170,7 @@ def table(rows: list[dict], single: dict, command: str) -> str:
 
 
 def write_section(text: str) -> None:
-    section = f"{BEGIN}\n### Context parallelism (benchmarks/bench_cp.py)\n\n{text}\n{END}"
-    old = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
-    if BEGIN in old and END in old:
-        new = old[: old.index(BEGIN)] + section + old[old.index(END) + len(END) :]
-    else:
-        new = old.rstrip("\n") + "\n\n" + section + "\n"
-    DOC.write_text(new)
+    doc_tables.write_section("bench_cp", "Context parallelism (benchmarks/bench_cp.py)", text, DOC)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -44,6 +44,9 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import doc_tables  # noqa: E402
 
 from megatron_ext.ops import attention_func, coca_attn_func, dual_chunk_attn_func  # noqa: E402
 from megatron_ext.ops.attention import select_backend  # noqa: E402
@@ -51,7 +54,6 @@ from megatron_ext.ops.dual_chunk import triton_dca  # noqa: E402
 from megatron_ext.ops.triton import triton_attention, triton_available  # noqa: E402
 
 DOC = ROOT / "docs" / "benchmarks.md"
-BEGIN, END = "<!-- bench_gpu:begin -->", "<!-- bench_gpu:end -->"
 FULL_SIZES = (4096, 8192, 16384, 32768, 65536, 131072)
 QUICK_SIZES = (128, 256)
 BASELINES = ("sdpa-flash", "sdpa-cudnn", "flash-attn")
@@ -226,14 +228,7 @@ def select_backend_name(device: torch.device, dtype, D: int) -> str:
 
 
 def write_section(text: str) -> None:
-    """Replace (or append) the bench_gpu section of docs/benchmarks.md."""
-    section = f"{BEGIN}\n### GPU attention (benchmarks/bench_gpu.py)\n\n{text}\n{END}"
-    old = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
-    if BEGIN in old and END in old:
-        new = old[: old.index(BEGIN)] + section + old[old.index(END) + len(END) :]
-    else:
-        new = old.rstrip("\n") + "\n\n" + section + "\n"
-    DOC.write_text(new)
+    doc_tables.write_section("bench_gpu", "GPU attention (benchmarks/bench_gpu.py)", text, DOC)
 
 
 def main(argv: list[str] | None = None) -> None:

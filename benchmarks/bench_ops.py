@@ -50,6 +50,9 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import doc_tables  # noqa: E402
 
 from megatron_ext.ops import (  # noqa: E402
     attention_func,
@@ -280,20 +283,8 @@ def table(rows: list[dict], device: str, threads: int, command: str) -> str:
 
 
 def write_section(name: str, text: str) -> None:
-    """Replace (or append) case ``name``'s section of docs/benchmarks.md; keep all others.
-
-    Each case has its own marked section, so a run of a subset of cases (``--cases``) updates
-    only those and leaves the rows other people measured in place.
-    """
-    begin, end = f"<!-- bench_ops:{name}:begin -->", f"<!-- bench_ops:{name}:end -->"
-    section = f"{begin}\n### {name} (benchmarks/bench_ops.py)\n\n{text}\n{end}"
-    old = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
-    if begin in old and end in old:
-        new = old[: old.index(begin)] + section + old[old.index(end) + len(end) :]
-    else:
-        new = old.rstrip("\n") + "\n\n" + section + "\n"
-    DOC.parent.mkdir(parents=True, exist_ok=True)
-    DOC.write_text(new)
+    """Replace (or append) case ``name``'s section of docs/benchmarks.md; keep all others."""
+    doc_tables.write_section(f"bench_ops:{name}", f"{name} (benchmarks/bench_ops.py)", text, DOC)
 
 
 def main(argv: list[str] | None = None) -> None:
