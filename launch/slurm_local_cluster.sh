@@ -11,7 +11,7 @@ if ! command -v slurmctld >/dev/null 2>&1; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm >/dev/null
 fi
 H=$(hostname -s)
-CPUS=$(nproc)
+CPUS=$(nproc --all)  # --all: OMP_NUM_THREADS would otherwise cap it
 MEM=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 * 9 / 10 ))
 mkdir -p /var/spool/slurmctld /var/spool/slurmd /var/log/slurm /etc/slurm
 cat > /etc/slurm/slurm.conf <<CONF

@@ -198,6 +198,7 @@ def _slurm_up() -> bool:
 @pytest.mark.skipif(not _slurm_up(), reason="no SLURM cluster (launch/slurm_local_cluster.sh)")
 def test_srun_two_ranks(tmp_path: Path) -> None:
     # --mpi=none: our init needs only SLURM's own variables, no PMI/MPI
-    _run(["srun", "-n", "2", "--mpi=none", "--kill-on-bad-exit=1", sys.executable, str(SMOKE)],
+    _run(["srun", "-n", "2", "--overcommit", "--mpi=none", "--kill-on-bad-exit=1",
+          sys.executable, str(SMOKE)],
          _clean_env(tmp_path))
     _check(tmp_path, "slurm")
