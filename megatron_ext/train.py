@@ -79,20 +79,17 @@ def _loss(model, batch: dict, mask_documents: bool, cp: tuple[str, int, int] | N
         layout, cp_size, cp_rank = cp
         local, lay = cp_shard_batch(batch, layout=layout, world_size=cp_size, rank=cp_rank,
                                     mask_documents=mask_documents)
-        labels = local["labels"]
-        mask = labels != IGNORE_INDEX
-        info = SequenceInfo(local["positions"], cp_layout=lay)
-        per_token = model(local["tokens"], local["positions"].clamp(min=0), info,
-                          labels=labels.masked_fill(~mask, 0))
-        return (per_token.float() * mask).sum(), mask.sum()
-    labels = batch["labels"]
+        tokens, labels = local["tokens"], local["labels"]
+        info = SequenceInfo(local["positions"], cp_layout=lay)  # -1 on padding slots
+    else:
+        tokens, labels = batch["tokens"], batch["labels"]
+        if mask_documents:
+            info = SequenceInfo(batch["positions"], batch["doc_ids"])
+        else:  # one stream per row: positions count from the row start, across documents
+            B, S = labels.shape
+            info = SequenceInfo(torch.arange(S).expand(B, S))
     mask = labels != IGNORE_INDEX
-    if mask_documents:
-        info = SequenceInfo(batch["positions"], batch["doc_ids"])
-    else:  # one stream per row: positions count from the row start, across documents
-        B, S = labels.shape
-        info = SequenceInfo(torch.arange(S).expand(B, S))
-    per_token = model(batch["tokens"], info.positions, info,
+    per_token = model(tokens, info.positions.clamp(min=0), info,
                       labels=labels.masked_fill(~mask, 0))
     return (per_token.float() * mask).sum(), mask.sum()
 

@@ -35,11 +35,11 @@ class CoCACoreAttention(_OpsCoreAttention):
                                               packed_seq_params, attention_bias)
         cfg = self.config
         rope = {"form": cfg.coca_form, "theta": cfg.rotary_base,
-                "scaling": cfg.rope_scaling_ops(), "seq_len": info.seq_len}
+                "scaling": self.rope_scaling, "seq_len": info.seq_len}
         if self.cp_group is not None:
             return self._output(self._cp_attention(
                 q, t, v, info, "coca", form=cfg.coca_form, theta=cfg.rotary_base,
-                rope_scaling=cfg.rope_scaling_ops()))
+                rope_scaling=self.rope_scaling))
         if rope["seq_len"] is None and rope["scaling"] is not None:
             rope["seq_len"] = int(info.positions.max()) + 1  # one dynamic-NTK L for q and k
         q_prime = coca_query_prologue(q, info.positions, **rope)

@@ -97,6 +97,7 @@ class _OpsCoreAttention(MegatronModule):
         self.layer_number = layer_number
         self.softmax_scale = softmax_scale
         self.layer: LayerAttention = config.layer_attention(layer_number)
+        self.rope_scaling = config.rope_scaling_ops()  # resolved once, not per forward
 
     def _inputs(self, query, key, value, attention_mask, packed_seq_params, attention_bias=None):
         if attention_bias is not None:
@@ -145,7 +146,7 @@ class ExtCoreAttention(_OpsCoreAttention):
         cfg, layer = self.config, self.layer
         pos = info.positions.clamp(min=0)  # CP padding slots (-1) are never visible
         if layer.rope:
-            rot = {"theta": cfg.rotary_base, "scaling": cfg.rope_scaling_ops(),
+            rot = {"theta": cfg.rotary_base, "scaling": self.rope_scaling,
                    "rotary_dim": int(cfg.kv_channels * cfg.rotary_percent),
                    "seq_len": info.seq_len}
             q, k = apply_rope(q, pos, **rot), apply_rope(k, pos, **rot)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from megatron_ext.ops.attention_ref import document_runs
 from megatron_ext.parallel.sharding import CPLayout, make_layout, shard_tensor
 
 IGNORE_INDEX = -100
@@ -22,9 +23,7 @@ def document_lengths(positions: torch.Tensor, doc_ids: torch.Tensor | None) -> t
     """Per token, max position + 1 over its document (runs of equal ids) in the row [B, S]."""
     if doc_ids is None:
         return (positions.max(dim=1, keepdim=True).values + 1).expand_as(positions)
-    starts = torch.ones_like(doc_ids, dtype=torch.bool)
-    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
-    run = torch.cumsum(starts.long(), dim=1) - 1
+    run, _ = document_runs(doc_ids)
     longest = torch.zeros_like(positions).scatter_reduce(1, run, positions, "amax")
     return torch.gather(longest, 1, run) + 1
 

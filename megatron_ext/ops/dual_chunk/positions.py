@@ -13,6 +13,8 @@ import math
 
 import torch
 
+from megatron_ext.ops.attention_ref import document_runs
+
 __all__ = [
     "dca_chunk_len",
     "dca_inter_position",
@@ -157,16 +159,15 @@ def doc_runs(
     B, S = doc_ids.shape
     limit = S if limit is None else min(limit, S)
     idx = torch.arange(S, device=doc_ids.device).expand(B, S)
-    is_start = torch.ones_like(doc_ids, dtype=torch.bool)
-    is_start[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
-    run_ids = is_start.long().cumsum(dim=1) - 1
-    starts = torch.where(is_start, idx, torch.zeros_like(idx)).cummax(dim=1).values
+    run_ids, positions = document_runs(doc_ids)
+    starts = idx - positions
+    is_start = positions == 0
     # End (exclusive) of each run: the next start, found by a reversed running minimum.
     next_start = torch.where(is_start, idx, torch.full_like(idx, S))
     ends = next_start.flip(1).cummin(dim=1).values.flip(1)
     ends = torch.cat((ends[:, 1:], torch.full_like(ends[:, :1], S)), dim=1)
     lengths = (ends.clamp(max=limit) - starts).clamp(min=0)
-    return run_ids, idx - starts, lengths
+    return run_ids, positions, lengths
 
 
 def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
