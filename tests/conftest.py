@@ -12,46 +12,21 @@ from __future__ import annotations
 
 import os
 import random
-import sys
 
 import pytest
 import torch
+from utils import nan_empty, nan_empty_like  # tests/ is on sys.path (rootdir conftest)
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede any triton import on CPU
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-_real_empty = torch.empty
-_real_empty_like = torch.empty_like
-
-
-def _called_from_ops() -> bool:
-    frame = sys._getframe(2)
-    return frame.f_globals.get("__name__", "").startswith("megatron_ext.ops")
-
-
-def _poison(t: torch.Tensor) -> torch.Tensor:
-    if t.is_floating_point() or t.is_complex():
-        t.fill_(float("nan"))
-    return t
-
-
-def _nan_empty(*args, **kwargs):
-    t = _real_empty(*args, **kwargs)
-    return _poison(t) if _called_from_ops() else t
-
-
-def _nan_empty_like(*args, **kwargs):
-    t = _real_empty_like(*args, **kwargs)
-    return _poison(t) if _called_from_ops() else t
-
-
 @pytest.fixture(autouse=True)
 def _seed_and_poison(monkeypatch: pytest.MonkeyPatch) -> None:
     torch.manual_seed(0)
     random.seed(0)
-    monkeypatch.setattr(torch, "empty", _nan_empty)
-    monkeypatch.setattr(torch, "empty_like", _nan_empty_like)
+    monkeypatch.setattr(torch, "empty", nan_empty)
+    monkeypatch.setattr(torch, "empty_like", nan_empty_like)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

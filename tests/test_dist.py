@@ -11,12 +11,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from utils import free_port, launcher_free_env
 
 from megatron_ext.dist import (
     LauncherEnvError,
@@ -126,18 +126,9 @@ def test_pick_backend() -> None:
 # real launches
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _clean_env(tmp_path: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_", "MASTER_", "SLURM_", "OMPI_",
-                                "PMI_", "TORCHELASTIC"))}
+    env = launcher_free_env()
     env["SMOKE_OUT_DIR"] = str(tmp_path)
-    env["OMP_NUM_THREADS"] = "1"
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     return env
 
@@ -160,7 +151,7 @@ def _run(cmd: list[str], env: dict[str, str]) -> None:
 @pytest.mark.distributed
 def test_torchrun_two_ranks(tmp_path: Path) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", str(_free_port()), str(SMOKE)]
+           "--master_port", str(free_port()), str(SMOKE)]
     _run(cmd, _clean_env(tmp_path))
     _check(tmp_path, "torchrun")
 
@@ -170,7 +161,7 @@ def test_torchrun_two_ranks(tmp_path: Path) -> None:
 def test_mpirun_two_ranks(tmp_path: Path) -> None:
     env = _clean_env(tmp_path)
     env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
-               OMPI_MCA_rmaps_base_oversubscribe="1", MASTER_PORT=str(_free_port()))
+               OMPI_MCA_rmaps_base_oversubscribe="1", MASTER_PORT=str(free_port()))
     _run(["mpirun", "-n", "2", "-x", "MASTER_PORT", "-x", "SMOKE_OUT_DIR", "-x", "PYTHONPATH",
           sys.executable, str(SMOKE)], env)
     _check(tmp_path, "openmpi")
@@ -181,7 +172,7 @@ def test_deepspeed_launcher_two_ranks(tmp_path: Path) -> None:
     ds = Path(sys.executable).with_name("deepspeed")
     if not ds.exists():
         pytest.fail("the deepspeed launcher script is missing from the environment")
-    _run([str(ds), "--num_gpus", "2", "--master_port", str(_free_port()), str(SMOKE)],
+    _run([str(ds), "--num_gpus", "2", "--master_port", str(free_port()), str(SMOKE)],
          _clean_env(tmp_path))
     results = _check(tmp_path, "deepspeed")
     assert all(any(a.startswith("--local_rank") for a in r["argv"]) for r in results)

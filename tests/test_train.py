@@ -10,30 +10,16 @@ end, rank 0 logging every step.
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from utils import free_port, launcher_free_env
 
 from megatron_ext.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_", "MASTER_", "TORCHELASTIC"))}
-    env["OMP_NUM_THREADS"] = "1"
-    return env
 
 
 def test_single_process_loss_falls(tmp_path: Path) -> None:
@@ -42,7 +28,8 @@ def test_single_process_loss_falls(tmp_path: Path) -> None:
            "--no-progress", "--set", f"train.out_dir={out}", "--set", "train.steps=30",
            "--set", "data.max_documents=2", "--set", "train.eval_batches=2",
            "--set", "parallel.context_parallel_size=1"]
-    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, cwd=REPO, env=launcher_free_env(), capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     losses = [r["train_loss"] for r in rows if "train_loss" in r]
@@ -61,10 +48,11 @@ def test_single_process_loss_falls(tmp_path: Path) -> None:
 def test_two_ranks_torchrun(tmp_path: Path) -> None:
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", str(_free_port()), "-m", "megatron_ext.train",
+           "--master_port", str(free_port()), "-m", "megatron_ext.train",
            "--config", "configs/run/tiny.yaml", "--no-progress",
            "--set", f"train.out_dir={out}", "--set", "train.steps=6"]
-    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, cwd=REPO, env=launcher_free_env(), capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "tensor parallel 1 x context parallel 2 (zigzag, ring) x data parallel 1" in proc.stdout
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

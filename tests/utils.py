@@ -10,7 +10,9 @@ child fails the test with the child's traceback; a hang fails it after ``timeout
 from __future__ import annotations
 
 import datetime
+import os
 import random
+import socket
 import sys
 import uuid
 from collections.abc import Callable
@@ -26,24 +28,42 @@ _real_empty_like = torch.empty_like
 
 def _poisoned(t: torch.Tensor) -> torch.Tensor:
     caller = sys._getframe(2).f_globals.get("__name__", "")  # who called torch.empty(_like)
-    if caller.startswith("megatron_ext.ops") and t.is_floating_point():
+    if caller.startswith("megatron_ext.ops") and (t.is_floating_point() or t.is_complex()):
         t.fill_(float("nan"))
     return t
 
 
-def _nan_empty(*args, **kwargs):
+def nan_empty(*args, **kwargs):
+    """torch.empty that NaN-fills floating tensors allocated by megatron_ext.ops."""
     return _poisoned(_real_empty(*args, **kwargs))
 
 
-def _nan_empty_like(*args, **kwargs):
+def nan_empty_like(*args, **kwargs):
+    """torch.empty_like that NaN-fills floating tensors allocated by megatron_ext.ops."""
     return _poisoned(_real_empty_like(*args, **kwargs))
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (for launchers that need a master port)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launcher_free_env() -> dict[str, str]:
+    """os.environ without any launcher variable, one thread per process: a clean child env."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_", "MASTER_", "SLURM_", "OMPI_",
+                                "PMI_", "TORCHELASTIC"))}
+    env["OMP_NUM_THREADS"] = "1"
+    return env
 
 
 def _worker(rank: int, fn: Callable, world_size: int, store_path: str, backend: str, kw: dict):
     torch.set_num_threads(1)
     torch.manual_seed(0)
     random.seed(0)
-    torch.empty, torch.empty_like = _nan_empty, _nan_empty_like
+    torch.empty, torch.empty_like = nan_empty, nan_empty_like
     store = dist.FileStore(store_path, world_size)
     dist.init_process_group(
         backend, store=store, rank=rank, world_size=world_size,
