@@ -49,8 +49,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import doc_tables  # noqa: E402
 
 from megatron_ext.ops import attention_func, coca_attn_func, dual_chunk_attn_func  # noqa: E402
-from megatron_ext.ops.attention import select_backend  # noqa: E402
-from megatron_ext.ops.dual_chunk import triton_dca  # noqa: E402
+from megatron_ext.ops.backend import choose_backend, force_backend, installed  # noqa: E402
 from megatron_ext.ops.triton import triton_attention, triton_available  # noqa: E402
 
 DOC = ROOT / "docs" / "benchmarks.md"
@@ -88,11 +87,8 @@ def _flash_attn(x: dict) -> torch.Tensor:
 
 
 def _dca_torch(x: dict, m: int, w: int) -> torch.Tensor:
-    old, triton_dca.USE_TRITON = triton_dca.USE_TRITON, False
-    try:
+    with force_backend("torch_blockwise"):
         return dual_chunk_attn_func(x["q"], x["k"], x["v"], chunk_size=m, local_size=w)
-    finally:
-        triton_dca.USE_TRITON = old
 
 
 def build_impls(dca_m: int, dca_w: int, dca_torch_max: int) -> list[Impl]:
@@ -223,8 +219,7 @@ def _num(x: float) -> str:
 
 
 def select_backend_name(device: torch.device, dtype, D: int) -> str:
-    q = torch.empty(1, 1, 1, D, device=device, dtype=dtype)
-    return select_backend(q, window=None, chunk=None, doc_ids=None)
+    return choose_backend(device.type, dtype, D, "causal", installed())
 
 
 def write_section(text: str) -> None:

@@ -15,8 +15,8 @@ import torch
 
 from megatron_ext.layers.core_attention import _OpsCoreAttention
 from megatron_ext.ops import attention_func
+from megatron_ext.ops.documents import document_lengths
 from megatron_ext.ops.dual_chunk import dca_rotate_keys, dca_temperature, dual_chunk_block
-from megatron_ext.parallel.batch import document_lengths
 
 
 class DualChunkCoreAttention(_OpsCoreAttention):

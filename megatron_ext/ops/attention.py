@@ -19,7 +19,7 @@ triton             CUDA fp16/bf16 where flash_attn is absent or does not apply (
                    chunk without window / doc_ids), head dim 16..256: ``ops/triton``
 =================  =====================================================================
 
-``DEFAULT_BACKEND`` (module level) replaces ``"auto"`` when set, e.g. by tests.
+``"auto"`` asks ``backend.resolve_backend`` (the one dispatch module, with its override).
 """
 
 from __future__ import annotations
@@ -28,14 +28,13 @@ import torch
 
 from megatron_ext.ops import blockwise
 from megatron_ext.ops.attention_ref import check_attn_args
+from megatron_ext.ops.backend import resolve_backend
 from megatron_ext.ops.cpu_flash import FusedCPUTiles, fused_cpu_available
 from megatron_ext.ops.triton import triton_attention, triton_attention_supported
 
-__all__ = ["BACKENDS", "DEFAULT_BACKEND", "attention_func", "select_backend"]
+__all__ = ["BACKENDS", "attention_func", "mask_kind"]
 
 BACKENDS = ("auto", "cpu_fused", "cpu_blockwise", "torch_blockwise", "flash_attn", "triton")
-DEFAULT_BACKEND: str | None = None
-"""Overrides ``backend="auto"`` when not None (a test hook)."""
 
 BLOCK_Q = {"cpu_blockwise": 256, "torch_blockwise": 128}
 BLOCK_K = {"cpu_blockwise": 512, "torch_blockwise": 512}
@@ -50,28 +49,17 @@ def _load_flash_attn():
     return flash_attn_func
 
 
-def select_backend(
-    q: torch.Tensor, *, window: int | None, chunk: int | None, doc_ids: torch.Tensor | None
+def mask_kind(
+    causal: bool, window: int | None, chunk: int | None, doc_ids: torch.Tensor | None
 ) -> str:
-    """The backend ``"auto"`` resolves to for these inputs (see the module docstring)."""
-    plain = window is None and chunk is None and doc_ids is None
-    if q.device.type == "cpu" and fused_cpu_available():
-        return "cpu_fused" if plain else "cpu_blockwise"
-    if (
-        q.device.type == "cuda"
-        and q.dtype in (torch.float16, torch.bfloat16)
-        and chunk is None
-        and doc_ids is None
-        and _load_flash_attn() is not None
-    ):
-        return "flash_attn"
-    if (
-        q.device.type == "cuda"
-        and q.dtype in (torch.float16, torch.bfloat16)
-        and triton_attention_supported(q, window=window, chunk=chunk, doc_ids=doc_ids)
-    ):
-        return "triton"
-    return "torch_blockwise"
+    """The ``backend.MASKS`` kind of these mask arguments."""
+    if chunk is not None:
+        return "chunk"
+    if doc_ids is not None:
+        return "documents"
+    if window is not None:
+        return "window"
+    return "causal" if causal else "full"
 
 
 def _block_q(backend: str, window: int | None) -> int:
@@ -230,7 +218,7 @@ def attention_func(
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r}; expected one of {BACKENDS}")
     if backend == "auto":
-        backend = DEFAULT_BACKEND or select_backend(q, window=window, chunk=chunk, doc_ids=doc_ids)
+        backend = resolve_backend(q, mask_kind(causal, window, chunk, doc_ids))
     plain = window is None and chunk is None and doc_ids is None
     if backend.startswith("cpu_") and (q.device.type != "cpu" or not fused_cpu_available()):
         raise ValueError(f"backend={backend!r} needs CPU tensors and torch's fused CPU kernel")

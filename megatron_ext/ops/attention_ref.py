@@ -30,7 +30,9 @@ import math
 
 import torch
 
-__all__ = ["attention_mask", "attention_ref", "check_attn_args", "document_runs"]
+from megatron_ext.ops.documents import document_runs
+
+__all__ = ["attention_mask", "attention_ref", "check_attn_args"]
 
 
 def _is_int(x: object) -> bool:
@@ -105,25 +107,6 @@ def check_attn_args(
     if not math.isfinite(float(softmax_scale)):
         raise ValueError(f"softmax_scale={softmax_scale!r}; expected a finite float or None")
     return float(softmax_scale)
-
-
-def document_runs(doc_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Document index and per-document position of every token.
-
-    Args:
-        doc_ids: int [B, S]; a document is a maximal run of equal consecutive ids.
-
-    Returns:
-        (run, pos): int64 [B, S] each; ``run`` numbers the documents 0, 1, ... per row and
-        ``pos`` is the 0-based position inside the token's document.
-    """
-    B, S = doc_ids.shape
-    idx = torch.arange(S, device=doc_ids.device).expand(B, S)
-    start = torch.ones(B, S, dtype=torch.bool, device=doc_ids.device)
-    start[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
-    run = start.long().cumsum(-1) - 1
-    first = torch.where(start, idx, torch.zeros_like(idx)).cummax(-1).values
-    return run, idx - first
 
 
 def attention_mask(

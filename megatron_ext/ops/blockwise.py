@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from megatron_ext.ops.attention_ref import document_runs
+from megatron_ext.ops.documents import document_runs
 
 __all__ = ["Block", "Piece", "TorchTiles", "plan_blocks", "run_backward", "run_forward"]
 

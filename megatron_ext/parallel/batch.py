@@ -13,19 +13,10 @@ from __future__ import annotations
 
 import torch
 
-from megatron_ext.ops.attention_ref import document_runs
+from megatron_ext.ops.documents import document_lengths
 from megatron_ext.parallel.sharding import CPLayout, make_layout, shard_tensor
 
 IGNORE_INDEX = -100
-
-
-def document_lengths(positions: torch.Tensor, doc_ids: torch.Tensor | None) -> torch.Tensor:
-    """Per token, max position + 1 over its document (runs of equal ids) in the row [B, S]."""
-    if doc_ids is None:
-        return (positions.max(dim=1, keepdim=True).values + 1).expand_as(positions)
-    run, _ = document_runs(doc_ids)
-    longest = torch.zeros_like(positions).scatter_reduce(1, run, positions, "amax")
-    return torch.gather(longest, 1, run) + 1
 
 
 def batch_layout(
@@ -80,4 +71,4 @@ def cp_shard_batch(
     return local, lay
 
 
-__all__ = ["batch_layout", "cp_shard_batch", "document_lengths"]
+__all__ = ["batch_layout", "cp_shard_batch"]

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from megatron_ext.config import AttentionConfig, ModelConfig
 from megatron_ext.ops import apply_rope, attention_ref
-from megatron_ext.ops.attention_ref import document_runs
+from megatron_ext.ops.documents import document_runs
 from megatron_ext.ops.dual_chunk import dca_position_rule
 from megatron_ext.ops.qk_norm import head_layer_norm, l2_norm_post_rope
 from megatron_ext.ops.rope import RopeScaling, llama4_attn_temperature, rope_cos_sin

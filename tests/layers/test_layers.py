@@ -41,7 +41,7 @@ from megatron_ext.layers.coca_attention import CoCACoreAttention, CoCASelfAttent
 from megatron_ext.layers.core_attention import ExtCoreAttention, SequenceInfo
 from megatron_ext.layers.dual_chunk_attention import DualChunkCoreAttention
 from megatron_ext.ops import attention_ref, coca_attn_ref, dual_chunk_attn_ref
-from megatron_ext.ops.attention_ref import document_runs
+from megatron_ext.ops.documents import document_runs
 from megatron_ext.specs import build_gpt_model
 
 VOCAB = 128

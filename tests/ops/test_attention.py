@@ -250,12 +250,6 @@ def test_window_plan_visits_o_s_w_keys() -> None:
     assert {p.kind for b in plan for p in b.pieces} == {"causal", "full"}
 
 
-def test_auto_backend_on_cpu() -> None:
-    q = torch.zeros(1, 4, 2, 8)
-    assert attn_mod.select_backend(q, window=None, chunk=None, doc_ids=None) == "cpu_fused"
-    assert attn_mod.select_backend(q, window=3, chunk=None, doc_ids=None) == "cpu_blockwise"
-
-
 def _flash_standin(q, k, v, *, dropout_p, softmax_scale, causal, window_size, return_attn_probs):
     """flash_attn_func semantics on CPU: causal and window aligned bottom-right."""
     assert dropout_p == 0.0 and return_attn_probs

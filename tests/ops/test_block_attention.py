@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from megatron_ext.ops import attention_ref, block_attention, block_key_ranges, merge_attn_outputs
-from megatron_ext.ops.attention_ref import document_runs
+from megatron_ext.ops.documents import document_runs
 
 F64 = torch.float64
 

@@ -28,6 +28,7 @@ import pytest
 import torch
 
 from megatron_ext.ops.attention_ref import attention_ref
+from megatron_ext.ops.backend import ENV_VAR
 from megatron_ext.ops.coca import (
     coca_attn_func,
     coca_attn_ref,
@@ -35,7 +36,6 @@ from megatron_ext.ops.coca import (
     coca_query_prologue,
     coca_tau,
 )
-from megatron_ext.ops.coca import prologue as coca_prologue
 from megatron_ext.ops.rope import RopeScaling, apply_rope
 
 F64 = torch.float64
@@ -350,7 +350,7 @@ def test_triton_prologue_matches_torch(monkeypatch, form, dtype, rtol, pos2d):
     gk = torch.randn(B, S, Hkv, D, dtype=F64).to(dtype).to(F64)
     results = []
     for use_triton, dt in ((False, F64), (True, dtype)):
-        monkeypatch.setattr(coca_prologue, "USE_TRITON", use_triton)
+        monkeypatch.setenv(ENV_VAR, "triton" if use_triton else "torch_blockwise")
         q, t = q64.to(dt).requires_grad_(), t64.to(dt).requires_grad_()
         qp, kp = coca_query_prologue(q, pos, form=form), coca_key_prologue(t, pos, form=form)
         grads = torch.autograd.grad((qp, kp), (q, t), (gq.to(dt), gk.to(dt)))
@@ -363,7 +363,7 @@ def test_triton_prologue_matches_torch(monkeypatch, form, dtype, rtol, pos2d):
 
 
 def test_triton_fast_path_matches_ref(monkeypatch):
-    monkeypatch.setattr(coca_prologue, "USE_TRITON", True)
+    monkeypatch.setenv(ENV_VAR, "triton")
     q, t, v = _inputs(2, 7, 7, 4, 2, 64, dtype=torch.float32)
     do, dlse = torch.randn(2, 7, 4, 64, dtype=F64), torch.randn(2, 4, 7, dtype=F64)
     q64, t64, v64 = (x.detach().to(F64).requires_grad_() for x in (q, t, v))

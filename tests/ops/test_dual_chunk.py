@@ -23,7 +23,6 @@ import math
 import pytest
 import torch
 
-import megatron_ext.ops.attention as attention_mod
 from megatron_ext.ops import (
     apply_rope,
     attention_ref,
@@ -31,6 +30,7 @@ from megatron_ext.ops import (
     dual_chunk_attn_ref,
     merge_attn_outputs,
 )
+from megatron_ext.ops.backend import ENV_VAR
 from megatron_ext.ops.dual_chunk import (
     dca_key_ranges,
     dca_position_rule,
@@ -195,7 +195,7 @@ def test_bf16_within_twice_low_precision_error():
 )
 def test_torch_tiles_path_matches_ref(B, Sq, Sk, H, Hkv, D, M, W, q_offset, monkeypatch):
     """The plain-torch tile kernel (the path used off CPU) gives the same answers."""
-    monkeypatch.setattr(attention_mod, "DEFAULT_BACKEND", "torch_blockwise")
+    monkeypatch.setenv(ENV_VAR, "torch_blockwise")
     q, k, v = _qkv(B, Sq, Sk, H, Hkv, D, F64)
     do, dlse = torch.randn(B, Sq, H, D, dtype=F64), torch.randn(B, H, Sq, dtype=F64)
     kw = dict(chunk_size=M, local_size=W, q_offset=q_offset)

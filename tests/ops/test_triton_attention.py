@@ -24,7 +24,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -32,6 +31,7 @@ import torch
 import megatron_ext.ops.attention as attn_mod
 from megatron_ext.ops import attention_func, attention_ref
 from megatron_ext.ops.attention_ref import attention_mask
+from megatron_ext.ops.backend import ENV_VAR
 from megatron_ext.ops.triton import interface as tri
 from megatron_ext.ops.triton import triton_attention
 
@@ -140,35 +140,11 @@ def test_no_keys_gives_zero_and_minus_inf():
 
 @pytest.mark.parametrize("dtype", [pytest.param(F64, id="fp64"), pytest.param(F32, id="fp32")])
 def test_attention_func_backend_triton(dtype, monkeypatch):
-    """The dispatcher's ``backend="triton"`` and the ``DEFAULT_BACKEND`` override reach it."""
+    """The dispatcher's ``backend="triton"`` and the backend override reach it."""
     _check(2, 30, 30, 4, 2, 32, dtype, fn=attention_func, fn_kw={"backend": "triton"}, window=9)
-    monkeypatch.setattr(attn_mod, "DEFAULT_BACKEND", "triton")
+    monkeypatch.setenv(ENV_VAR, "triton")
     monkeypatch.setattr(attn_mod, "_kernel", None)  # any torch-tile path would now fail
     _check(1, 21, 21, 2, 1, 16, dtype, fn=attention_func)
-
-
-def test_auto_dispatch(monkeypatch):
-    """CPU keeps its backends; CUDA picks flash_attn where it applies, else triton."""
-    q = torch.zeros(1, 4, 2, 64)
-    assert attn_mod.select_backend(q, window=None, chunk=None, doc_ids=None) == "cpu_fused"
-    assert attn_mod.select_backend(q, window=8, chunk=None, doc_ids=None) == "cpu_blockwise"
-
-    def fake(dtype, D=64):  # select_backend reads only device, dtype and shape
-        return SimpleNamespace(device=torch.device("cuda"), dtype=dtype, shape=(1, 4, 2, D))
-
-    ids = torch.zeros(1, 4, dtype=torch.long)
-    bf16, sel = torch.bfloat16, attn_mod.select_backend
-    monkeypatch.setattr(attn_mod, "_load_flash_attn", lambda: None)
-    assert sel(fake(bf16), window=None, chunk=None, doc_ids=None) == "triton"
-    assert sel(fake(torch.float16), window=8, chunk=None, doc_ids=ids) == "triton"
-    assert sel(fake(F32), window=None, chunk=None, doc_ids=None) == "torch_blockwise"
-    assert sel(fake(bf16), window=None, chunk=16, doc_ids=None) == "triton"
-    assert sel(fake(bf16), window=8, chunk=16, doc_ids=None) == "torch_blockwise"
-    assert sel(fake(bf16, D=80), window=None, chunk=None, doc_ids=None) == "torch_blockwise"
-    assert sel(fake(F64), window=None, chunk=None, doc_ids=None) == "torch_blockwise"
-    monkeypatch.setattr(attn_mod, "_load_flash_attn", lambda: object())
-    assert sel(fake(bf16), window=8, chunk=None, doc_ids=None) == "flash_attn"
-    assert sel(fake(bf16), window=None, chunk=None, doc_ids=ids) == "triton"
 
 
 @pytest.mark.parametrize(

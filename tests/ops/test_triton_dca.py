@@ -1,6 +1,6 @@
 """Fused Triton Dual Chunk Attention against the dense DCA definition.
 
-``dual_chunk_attn_func`` with ``triton_dca.USE_TRITON = True`` (one launch over all tile pairs,
+``dual_chunk_attn_func`` with the "triton" backend forced (one launch over all tile pairs,
 query copy chosen per element by delta = i // C - j // C, one online softmax; dq_intra / dq_succ
 / dq_inter rotated back by autograd) is compared with ``dual_chunk_attn_ref`` (pair-by-pair
 logits from the position rule, one softmax) in out, lse, dq, dk, dv, with a random dout AND a
@@ -26,6 +26,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from megatron_ext.ops.backend import ENV_VAR
 from megatron_ext.ops.dual_chunk import (
     dca_query_positions,
     dual_chunk_attn_func,
@@ -51,7 +52,7 @@ def fused(monkeypatch):
         calls.append(1)
         return real(*args, **kw)
 
-    monkeypatch.setattr(triton_dca, "USE_TRITON", True)
+    monkeypatch.setenv(ENV_VAR, "triton")
     monkeypatch.setattr(triton_dca, "dual_chunk_attn_triton", spy)
     return calls
 
@@ -130,15 +131,15 @@ def test_auto_dispatch(monkeypatch):
     assert not triton_dca.use_triton(fake(torch.bfloat16), ids)
     assert not triton_dca.use_triton(fake(torch.bfloat16, D=80), None)
     assert not triton_dca.use_triton(fake(F64), None)
-    monkeypatch.setattr(triton_dca, "USE_TRITON", False)
+    monkeypatch.setenv(ENV_VAR, "torch_blockwise")
     assert not triton_dca.use_triton(fake(torch.bfloat16), None)
 
 
 def test_forced_with_doc_ids_raises(monkeypatch):
-    monkeypatch.setattr(triton_dca, "USE_TRITON", True)
+    monkeypatch.setenv(ENV_VAR, "triton")
     q, k, v = (torch.randn(1, 9, 2, 16) for _ in range(3))
     ids = torch.tensor([[0] * 4 + [1] * 5])
-    with pytest.raises(ValueError, match="doc_ids"):
+    with pytest.raises(ValueError, match="no kernel for per-row key intervals"):
         dual_chunk_attn_func(q, k, v, chunk_size=6, local_size=2, doc_ids=ids)
 
 

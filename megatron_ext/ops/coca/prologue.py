@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import torch
 
-from megatron_ext.ops.attention_ref import document_runs
+from megatron_ext.ops.backend import resolve_prologue
 from megatron_ext.ops.coca import triton_prologue
+from megatron_ext.ops.documents import document_runs
 from megatron_ext.ops.rope import RopeScaling, rope_cos_sin
 
 __all__ = [
@@ -32,9 +33,6 @@ __all__ = [
 
 COCA_FORMS = ("slack", "strict")
 
-USE_TRITON: bool | None = None
-"""Prologue kernel choice: None = fused Triton for CUDA fp16/bf16/fp32, torch otherwise; a bool
-forces it (tests force True on CPU under ``TRITON_INTERPRET=1``)."""
 
 
 def _check_form(form: str) -> bool:
@@ -226,10 +224,7 @@ def _key_bwd(t, cos, sin, g, strict: bool) -> torch.Tensor:
 
 
 def _use_triton(x: torch.Tensor) -> bool:
-    if USE_TRITON is not None:
-        return USE_TRITON
-    fused_dtypes = (torch.float16, torch.bfloat16, torch.float32)
-    return x.is_cuda and x.dtype in fused_dtypes and triton_prologue.triton_available()
+    return resolve_prologue(x) == "triton"
 
 
 def _torch_prologue(x, cos, sin, is_key: bool, strict: bool, grad=None) -> torch.Tensor:

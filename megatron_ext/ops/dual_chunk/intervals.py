@@ -22,17 +22,26 @@ from __future__ import annotations
 
 import torch
 
-from megatron_ext.ops import attention, blockwise
+from megatron_ext.ops import blockwise
+from megatron_ext.ops.backend import resolve_backend
 from megatron_ext.ops.cpu_flash import FusedCPUTiles, fused_cpu_available
 
 __all__ = ["interval_attention", "interval_backward", "interval_forward", "plan_intervals"]
 
 
 def _fused(x: torch.Tensor) -> bool:
-    """Use the fused CPU kernel? Follows ``attention.DEFAULT_BACKEND`` (the tests' hook)."""
-    if attention.DEFAULT_BACKEND == "torch_blockwise":
-        return False
-    return x.device.type == "cpu" and fused_cpu_available()
+    """Fused CPU tiles (True) or plain torch tiles (False), as ``backend`` resolves them."""
+    name = resolve_backend(x, "intervals")
+    if name in ("cpu_fused", "cpu_blockwise"):
+        if x.device.type != "cpu" or not fused_cpu_available():
+            raise ValueError(f"backend {name!r} needs CPU tensors and torch's fused CPU kernel")
+        return True
+    if name != "torch_blockwise":
+        raise ValueError(
+            f"backend {name!r} has no kernel for per-row key intervals (CP blocks, DCA passes); "
+            "use 'torch_blockwise' or 'cpu_blockwise'"
+        )
+    return False
 
 
 def _kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float):

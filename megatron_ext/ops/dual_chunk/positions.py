@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from megatron_ext.ops.attention_ref import document_runs
+from megatron_ext.ops.documents import document_runs
 
 __all__ = [
     "dca_chunk_len",

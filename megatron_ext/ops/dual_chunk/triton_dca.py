@@ -15,31 +15,30 @@ from __future__ import annotations
 
 import torch
 
+from megatron_ext.ops.backend import resolve_backend
 from megatron_ext.ops.dual_chunk.block import dca_rotate_keys, dca_rotate_queries
 from megatron_ext.ops.triton import triton_attention_supported, triton_dca_attention
 
-__all__ = ["USE_TRITON", "dual_chunk_attn_triton", "use_triton"]
-
-USE_TRITON: bool | None = None
-"""None: the fused kernel for CUDA fp16 / bf16 inputs without doc_ids, torch otherwise;
-True forces it (tests, on CPU under ``TRITON_INTERPRET=1``); False never uses it."""
+__all__ = ["dual_chunk_attn_triton", "use_triton"]
 
 
 def use_triton(q: torch.Tensor, doc_ids: torch.Tensor | None) -> bool:
-    """Whether ``dual_chunk_attn_func`` should take the fused Triton path for these inputs."""
-    if USE_TRITON is False:
+    """Whether ``dual_chunk_attn_func`` takes the fused Triton path (``backend`` decides).
+
+    Packed documents always take the pass-based path (the fused kernel has no document mask);
+    forcing "triton" then fails in the interval engine with a clear error.
+    """
+    if doc_ids is not None:
         return False
-    if USE_TRITON:
-        if doc_ids is not None or not triton_attention_supported(q):
-            raise ValueError(
-                f"triton_dca.USE_TRITON=True but the inputs are unsupported (D={q.shape[-1]}, "
-                f"dtype={q.dtype}, device={q.device}, doc_ids="
-                f"{'set' if doc_ids is not None else None}); the fused kernel takes no doc_ids, "
-                "D in triton.HEAD_DIMS, and CUDA tensors (CPU only under the Triton interpreter)"
-            )
-        return True
-    half = q.dtype in (torch.float16, torch.bfloat16)  # fp32 / fp64 stay on the torch passes
-    return q.is_cuda and half and doc_ids is None and triton_attention_supported(q)
+    if resolve_backend(q, "dca") != "triton":
+        return False
+    if not triton_attention_supported(q):
+        raise ValueError(
+            f"backend 'triton' cannot run DCA on these inputs (D={q.shape[-1]}, dtype={q.dtype}, "
+            f"device={q.device}): the fused kernel takes D in triton.HEAD_DIMS and CUDA tensors "
+            "(CPU tensors only under the Triton interpreter)"
+        )
+    return True
 
 
 def dual_chunk_attn_triton(

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from megatron_ext.ops.attention_ref import check_attn_args, document_runs
+from megatron_ext.ops.attention_ref import check_attn_args
+from megatron_ext.ops.documents import document_runs
 from megatron_ext.ops.triton.attention_bwd import attention_bwd
 from megatron_ext.ops.triton.attention_fwd import attention_fwd
 from megatron_ext.ops.triton.tiles import kernels_interpreted, triton_available
