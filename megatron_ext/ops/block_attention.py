@@ -14,7 +14,7 @@ A negative position marks a padding token (sharding pads odd or short documents)
 is never visible and a padding query sees nothing (out 0, lse -inf).
 
 Ordered by (document, position), the keys one query sees form one contiguous interval, so a block
-is one call of the interval attention (``dual_chunk/intervals.py``, on the same blockwise engine
+is one call of the interval attention (``ops/intervals.py``, on the same blockwise engine
 and tile kernels as ``attention_func``); keys given out of order are gathered into order first
 (O(Sk), differentiable). Results are partials meant to be merged exactly
 (``merge_attn_outputs``), hence fp32 (fp64 for fp64 inputs) whatever the input dtype.
@@ -26,7 +26,7 @@ import math
 
 import torch
 
-from megatron_ext.ops.dual_chunk.intervals import interval_attention
+from megatron_ext.ops.intervals import interval_attention
 
 __all__ = ["block_attention", "block_key_ranges"]
 

@@ -4,6 +4,7 @@ See README.md in this folder and ../shared/METHODS.md §2.
 """
 
 from megatron_ext.ops.coca.interface import coca_attn_func
+from megatron_ext.ops.coca.method import CoCAAttention
 from megatron_ext.ops.coca.prologue import (
     COCA_FORMS,
     coca_key_prologue,
@@ -15,6 +16,7 @@ from megatron_ext.ops.coca.prologue import (
 from megatron_ext.ops.coca.reference import coca_attn_ref
 
 __all__ = [
+    "CoCAAttention",
     "COCA_FORMS",
     "coca_attn_func",
     "coca_attn_ref",

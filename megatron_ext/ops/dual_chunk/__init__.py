@@ -11,7 +11,7 @@ from megatron_ext.ops.dual_chunk.block import (
     dual_chunk_block,
 )
 from megatron_ext.ops.dual_chunk.interface import dual_chunk_attn_func
-from megatron_ext.ops.dual_chunk.intervals import interval_attention
+from megatron_ext.ops.dual_chunk.method import DCAParams, DualChunkAttention
 from megatron_ext.ops.dual_chunk.positions import (
     dca_chunk_len,
     dca_inter_position,
@@ -21,8 +21,11 @@ from megatron_ext.ops.dual_chunk.positions import (
     doc_runs,
 )
 from megatron_ext.ops.dual_chunk.reference import dual_chunk_attn_ref
+from megatron_ext.ops.intervals import interval_attention
 
 __all__ = [
+    "DCAParams",
+    "DualChunkAttention",
     "dca_chunk_len",
     "dca_key_ranges",
     "dca_inter_position",

@@ -14,11 +14,6 @@ from __future__ import annotations
 
 import torch
 
-from megatron_ext.ops.dual_chunk.intervals import (
-    interval_backward,
-    interval_forward,
-    plan_intervals,
-)
 from megatron_ext.ops.dual_chunk.positions import (
     check_chunk_args,
     check_qkv,
@@ -26,7 +21,13 @@ from megatron_ext.ops.dual_chunk.positions import (
     dca_query_positions,
 )
 from megatron_ext.ops.dual_chunk.rotary import rope_tables, rotate, rotate_by_tables
+from megatron_ext.ops.intervals import (
+    interval_backward,
+    interval_forward,
+    plan_intervals,
+)
 from megatron_ext.ops.merge import merge_attn_outputs
+from megatron_ext.ops.rope import RopeScaling
 
 __all__ = ["dca_key_ranges", "dca_rotate_keys", "dca_rotate_queries", "dual_chunk_block"]
 
@@ -38,6 +39,8 @@ def dca_rotate_keys(
     chunk_size: int,
     local_size: int,
     theta: float = 10000.0,
+    scaling: RopeScaling | None = None,
+    seq_len: int | None = None,
 ) -> torch.Tensor:
     """K' = R_{j mod C} k: the only key rotation DCA needs (and what a KV cache stores).
 
@@ -46,12 +49,14 @@ def dca_rotate_keys(
         k_positions: int [Sk] or [B, Sk], per-document key positions j.
         chunk_size: M. local_size: W (C = M - W).
         theta: RoPE base.
+        scaling, seq_len: RoPE frequency scaling and the dynamic-NTK length L.
 
     Returns:
         [B, Sk, Hkv, D] in k's dtype.
     """
     check_chunk_args(chunk_size, local_size)
-    return rotate(k, k_positions.long() % (chunk_size - local_size), theta=theta)
+    pos = k_positions.long() % (chunk_size - local_size)
+    return rotate(k, pos, theta=theta, scaling=scaling, seq_len=seq_len)
 
 
 def dca_rotate_queries(
@@ -61,6 +66,8 @@ def dca_rotate_queries(
     chunk_size: int,
     local_size: int,
     theta: float = 10000.0,
+    scaling: RopeScaling | None = None,
+    seq_len: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The three differentiable query copies (intra, successive, inter).
 
@@ -72,7 +79,8 @@ def dca_rotate_queries(
         (R_{i mod C} q, R_{min(C + i mod C, M)} q, R_{P_inter} q), each [B, Sq, H, D].
     """
     pos = dca_query_positions(q_positions, chunk_size=chunk_size, local_size=local_size)
-    return tuple(rotate(q, p, theta=theta) for p in pos)  # type: ignore[return-value]
+    rope = {"theta": theta, "scaling": scaling, "seq_len": seq_len}
+    return tuple(rotate(q, p, **rope) for p in pos)  # type: ignore[return-value]
 
 
 def dca_key_ranges(
@@ -214,6 +222,8 @@ def dual_chunk_block(
     q_doc_ids: torch.Tensor | None = None,
     k_doc_ids: torch.Tensor | None = None,
     temperature: float | torch.Tensor | None = None,
+    scaling: RopeScaling | None = None,
+    seq_len: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """DCA contribution of one key block to a set of queries, as a mergeable (out, lse).
 
@@ -236,6 +246,8 @@ def dual_chunk_block(
         q_doc_ids: optional int [Sq] / [B, Sq] document ids; k_doc_ids: int [Sk] / [B, Sk].
             Equal id = same document. Give both or neither (neither = one document).
         temperature: T (float, or a tensor [Sq] / [B, Sq] per query); logits are scaled by T².
+        scaling, seq_len: RoPE frequency scaling and the dynamic-NTK length L (must match the
+            key rotation's).
 
     Returns:
         out [B, Sq, H, D] in q's dtype, lse [B, H, Sq] (fp32; fp64 for fp64 inputs). Queries
@@ -277,7 +289,7 @@ def dual_chunk_block(
     elif temperature is not None and not isinstance(temperature, torch.Tensor):
         scale *= float(temperature) ** 2
     pos = dca_query_positions(q_positions, chunk_size=chunk_size, local_size=local_size)
-    tables = [rope_tables(q, p, theta=theta) for p in pos]  # intra, successive, inter
+    tables = [rope_tables(q, p, theta=theta, scaling=scaling, seq_len=seq_len) for p in pos]
 
     order, ranges = dca_key_ranges(
         q_positions,

@@ -1,19 +1,21 @@
-"""Public Dual Chunk Attention op: ``dual_chunk_attn_func``.
+"""Public Dual Chunk Attention op: ``dual_chunk_attn_func`` (maths: README.md in this folder).
 
-Rotates the keys once at ``j mod C`` and runs the three DCA passes (one interval-attention call
-each, over all query rows) through ``dual_chunk_block`` (../shared/METHODS.md §5), merging them
-exactly so that gradients are those of the dense definition in ``reference.py``. Same
-signature as ``dual_chunk_attn_ref``. CUDA inputs without ``doc_ids`` take the fused Triton
-kernel instead (``triton_dca.py``).
+Two ways to say where the tokens are: explicit per-document positions (``q_positions`` /
+``k_positions``, optional ``q_doc_ids`` / ``k_doc_ids``: what layers, context parallelism and
+the KV cache use), or the index form (``q_offset``, ``doc_ids``), a thin wrapper computing those
+positions. Both run ``DualChunkAttention``: keys rotated once at ``j mod C``, the three passes
+merged exactly (or the fused Triton kernel where ``backend`` picks it), so gradients are those
+of the dense definition in ``reference.py``.
 """
 
 from __future__ import annotations
 
 import torch
 
-from megatron_ext.ops.dual_chunk import triton_dca
-from megatron_ext.ops.dual_chunk.block import dca_rotate_keys, dual_chunk_block
-from megatron_ext.ops.dual_chunk.positions import check_chunk_args, check_qkv, dca_layout
+from megatron_ext.ops.dual_chunk.method import DCAParams, DualChunkAttention
+from megatron_ext.ops.dual_chunk.positions import check_qkv
+from megatron_ext.ops.meta import offset_metas, token_meta
+from megatron_ext.ops.rope import RopeScaling
 
 __all__ = ["dual_chunk_attn_func"]
 
@@ -25,79 +27,86 @@ def dual_chunk_attn_func(
     *,
     chunk_size: int,
     local_size: int,
+    q_positions: torch.Tensor | None = None,
+    k_positions: torch.Tensor | None = None,
+    q_doc_ids: torch.Tensor | None = None,
+    k_doc_ids: torch.Tensor | None = None,
     theta: float = 10000.0,
     softmax_scale: float | None = None,
-    q_offset: int = 0,
     original_max_position_embeddings: int | None = None,
-    return_lse: bool = False,
-    doc_ids: torch.Tensor | None = None,
+    rope_scaling: RopeScaling | None = None,
     seq_len: int | None = None,
+    q_offset: int = 0,
+    doc_ids: torch.Tensor | None = None,
+    return_lse: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Dual Chunk Attention (training-free long context) with exact gradients.
 
-    Query i sees keys j <= i (bottom-right aligned when q_offset = Sk - Sq). With chunk length
-    C = chunk_size - local_size, keys are rotated at ``j mod C`` and the query at ``i mod C``
-    (same chunk, causal), ``min(C + i mod C, chunk_size)`` (previous chunk) or
-    ``min(2C - 1, chunk_size)`` (older chunks); logits are also scaled by T² when
-    ``original_max_position_embeddings`` is set. See the folder README for the maths.
+    Query i sees keys j <= i of its document. With chunk length C = chunk_size - local_size,
+    keys are rotated at ``j mod C`` and the query at ``i mod C`` (same chunk, causal),
+    ``min(C + i mod C, chunk_size)`` (previous chunk) or ``min(2C - 1, chunk_size)`` (older
+    chunks); logits are also scaled by T² when ``original_max_position_embeddings`` is set.
 
     Args:
-        q: UN-ROTATED queries [B, Sq, H, D]; row r has position q_offset + r <= Sk - 1.
-        k: UN-ROTATED keys [B, Sk, Hkv, D] at positions 0..Sk-1; H % Hkv == 0.
+        q: UN-ROTATED queries [B, Sq, H, D].
+        k: UN-ROTATED keys [B, Sk, Hkv, D]; H % Hkv == 0.
         v: values [B, Sk, Hkv, D].
         chunk_size: M, the largest position index DCA uses (the paper's "chunk size").
         local_size: W, 0 <= W < M; the chunk length is C = M - W.
+        q_positions, k_positions: int [S] or [B, S] per-document positions (negative =
+            padding). Give both, or neither and use the index form.
+        q_doc_ids, k_doc_ids: optional document ids (equal id = same document), both or neither.
         theta: RoPE base.
         softmax_scale: default 1/sqrt(D).
-        q_offset: position of query row 0 (chunked prefill, decode).
         original_max_position_embeddings: L_o; when set (> 0), T = max(1, 0.1 ln(L/L_o) + 1).
+        rope_scaling: optional RoPE frequency scaling of every rotation.
+        seq_len: the length L of length rules (temperature and dynamic NTK); default what the
+            call shows: each query's document length (max position + 1 up to the last query)
+            for the temperature, the largest position + 1 for dynamic NTK. Pass the planned
+            total length when decoding.
+        q_offset: index form: query row r is key index ``q_offset + r`` (<= Sk - 1).
+        doc_ids: index form: int [B, Sk]; each maximal run of equal ids is a document whose
+            positions restart at 0; queries use the ids at rows q_offset + r.
         return_lse: also return the lse.
-        doc_ids: optional int [B, Sk] document ids of a packed row; each maximal run of equal
-            ids is a document, positions restart in each, queries use the ids at rows
-            q_offset + r (so q_offset + Sq <= Sk).
-        seq_len: temperature length L; default q_offset + Sq, or with doc_ids the query's
-            document length up to the last query. Pass the planned total length when decoding.
 
     Returns:
         out [B, Sq, H, D] in q's dtype; with return_lse also lse [B, H, Sq] (fp32, fp64 for fp64
         inputs, natural log of the sum of exp of the final logits).
     """
     check_qkv(q, k, v)
-    check_chunk_args(chunk_size, local_size)
+    params = DCAParams(chunk_size, local_size, original_max_position_embeddings or None)
     if softmax_scale is not None and not softmax_scale > 0:
         raise ValueError(f"softmax_scale={softmax_scale!r}; expected None or > 0")
+    if seq_len is not None and (isinstance(seq_len, bool) or not isinstance(seq_len, int)
+                                or seq_len < 1):
+        raise ValueError(f"seq_len={seq_len!r}; expected None or an int >= 1")
     B, Sq = q.shape[:2]
     Sk = k.shape[1]
-    q_pos, k_pos, q_doc, k_doc, temp = dca_layout(
-        B,
-        Sq,
-        Sk,
-        q_offset=q_offset,
-        doc_ids=doc_ids,
-        seq_len=seq_len,
-        original_max_position_embeddings=original_max_position_embeddings,
-        device=q.device,
-    )
-    if triton_dca.use_triton(q, doc_ids):  # fused kernel on CUDA (no doc_ids); see triton_dca
-        out, lse = triton_dca.dual_chunk_attn_triton(
-            q, k, v, q_positions=q_pos, k_positions=k_pos, temperature=temp,
-            chunk_size=chunk_size, local_size=local_size, theta=theta,
-            softmax_scale=softmax_scale, q_offset=q_offset,
-        )  # fmt: skip
-        return (out, lse) if return_lse else out
-    k_rot = dca_rotate_keys(k, k_pos, chunk_size=chunk_size, local_size=local_size, theta=theta)
-    out, lse = dual_chunk_block(
-        q,
-        k_rot,
-        v,
-        q_positions=q_pos,
-        k_positions=k_pos,
-        chunk_size=chunk_size,
-        local_size=local_size,
-        theta=theta,
-        softmax_scale=softmax_scale,
-        q_doc_ids=q_doc,
-        k_doc_ids=k_doc,
-        temperature=temp,
-    )
-    return (out, lse) if return_lse else out
+    if q_positions is not None or k_positions is not None:
+        if q_positions is None or k_positions is None:
+            raise ValueError("q_positions and k_positions: give both or neither")
+        if q_offset or doc_ids is not None:
+            raise ValueError("explicit positions and the index form (q_offset, doc_ids) are "
+                             "exclusive; give one")
+        if (q_doc_ids is None) != (k_doc_ids is None):
+            raise ValueError("q_doc_ids and k_doc_ids: give both or neither")
+        qm = token_meta(q_positions, q_doc_ids, batch=B, seq_len=seq_len)
+        km = token_meta(k_positions, k_doc_ids, batch=B, seq_len=seq_len)
+    else:
+        if q_doc_ids is not None or k_doc_ids is not None:
+            raise ValueError("q_doc_ids / k_doc_ids go with explicit positions; the index form "
+                             "takes doc_ids")
+        if not isinstance(q_offset, int) or q_offset < 0:
+            raise ValueError(f"q_offset={q_offset!r}; expected an int >= 0")
+        if q_offset + Sq > Sk:
+            raise ValueError(
+                f"q_offset + Sq = {q_offset} + {Sq} > Sk = {Sk}; every query row must also be a "
+                "key (keys 0..Sk-1 include the queries, as in a KV cache)"
+            )
+        qm, km = offset_metas(B, Sq, Sk, q_offset=q_offset, doc_ids=doc_ids, seq_len=seq_len)
+    method = DualChunkAttention(params, theta=theta, scaling=rope_scaling,
+                                softmax_scale=softmax_scale)
+    out = method(q, k, v, q_meta=qm, k_meta=km, rope_len=seq_len, return_lse=return_lse)
+    if return_lse:
+        return out[0].to(q.dtype), out[1]
+    return out.to(q.dtype)

@@ -16,7 +16,7 @@ from megatron_ext.ops.dual_chunk.positions import (
     dca_layout,
     dca_position_rule,
 )
-from megatron_ext.ops.rope import apply_rope
+from megatron_ext.ops.rope import RopeScaling, apply_rope
 
 __all__ = ["dual_chunk_attn_ref"]
 
@@ -51,6 +51,7 @@ def dual_chunk_attn_ref(
     return_lse: bool = False,
     doc_ids: torch.Tensor | None = None,
     seq_len: int | None = None,
+    rope_scaling: RopeScaling | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Dual Chunk Attention by its definition (dense, differentiable by autograd).
 
@@ -72,7 +73,9 @@ def dual_chunk_attn_ref(
         doc_ids: optional int [B, Sk]; each maximal run of equal ids is a document whose
             positions restart at 0; queries take the ids at rows q_offset + r.
         seq_len: temperature length L (default: the document length up to the last query, or
-            q_offset + Sq without doc_ids).
+            q_offset + Sq without doc_ids), and the dynamic-NTK length (default: the largest
+            position + 1).
+        rope_scaling: optional RoPE frequency scaling of every rotation.
 
     Returns:
         out [B, Sq, H, D] in q's dtype, and with return_lse the lse [B, H, Sq] (fp32; fp64 for
@@ -100,12 +103,14 @@ def dual_chunk_attn_ref(
     )  # [B, Sq, Sk], [B, Sk]
 
     qf, kf, vf = q.to(dt), k.to(dt), v.to(dt)
-    k_rot = apply_rope(kf, pos_k, theta=theta).repeat_interleave(H // Hkv, dim=2)
+    L = seq_len if seq_len is not None else int(max(q_pos.max(), k_pos.max())) + 1
+    rope = {"theta": theta, "scaling": rope_scaling, "seq_len": L}
+    k_rot = apply_rope(kf, pos_k, **rope).repeat_interleave(H // Hkv, dim=2)
     vf = vf.repeat_interleave(H // Hkv, dim=2)
     z = torch.zeros(B, H, Sq, Sk, dtype=dt, device=q.device)
     # Every query position the rule uses, one rotation of all rows each; pick per pair.
     for p in torch.unique(pos_q).tolist():
-        q_rot = apply_rope(qf, torch.full((Sq,), p, dtype=torch.long, device=q.device), theta=theta)
+        q_rot = apply_rope(qf, torch.full((Sq,), p, dtype=torch.long, device=q.device), **rope)
         z_p = torch.einsum("bihd,bjhd->bhij", q_rot, k_rot)
         z = torch.where((pos_q == p).unsqueeze(1), z_p, z)
     z = z * (scale * temp.to(dt) ** 2).expand(B, Sq)[:, None, :, None]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from megatron_ext.ops.rope import rope_cos_sin
+from megatron_ext.ops.rope import RopeScaling, rope_cos_sin
 
 __all__ = ["rope_tables", "rotate", "rotate_by_tables"]
 
@@ -42,9 +42,17 @@ class _RotateFunc(torch.autograd.Function):
 
 
 def rope_tables(
-    x: torch.Tensor, positions: torch.Tensor, *, theta: float = 10000.0
+    x: torch.Tensor,
+    positions: torch.Tensor,
+    *,
+    theta: float = 10000.0,
+    scaling: RopeScaling | None = None,
+    seq_len: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Half-width cos and sin tables for rotating x [B, S, H, D] at ``positions``.
+
+    ``scaling`` / ``seq_len``: RoPE frequency scaling and the dynamic-NTK length L (the
+    batch's, not the remapped positions': DCA changes positions, not frequencies).
 
     Returns:
         (cos, sin), each [S, 1, D/2], [B, S, 1, D/2] or, when every position is the same (the
@@ -58,7 +66,9 @@ def rope_tables(
     pos = positions.to(x.device)
     if pos.numel() and bool((pos == pos.flatten()[0]).all()):
         pos = pos.flatten()[:1]  # one position for every row: broadcast
-    cos, sin = rope_cos_sin(pos, D, theta=theta, dtype=x.dtype)
+    if scaling is not None and scaling.kind == "dynamic" and seq_len is None:
+        raise ValueError("dynamic NTK scaling needs seq_len (the batch length L) in DCA")
+    cos, sin = rope_cos_sin(pos, D, theta=theta, dtype=x.dtype, scaling=scaling, seq_len=seq_len)
     return cos[..., : D // 2].unsqueeze(-2), sin[..., : D // 2].unsqueeze(-2)
 
 
@@ -72,10 +82,18 @@ def rotate_by_tables(
     return _rotate(x, cos, -sin if inverse else sin)
 
 
-def rotate(x: torch.Tensor, positions: torch.Tensor, *, theta: float = 10000.0) -> torch.Tensor:
+def rotate(
+    x: torch.Tensor,
+    positions: torch.Tensor,
+    *,
+    theta: float = 10000.0,
+    scaling: RopeScaling | None = None,
+    seq_len: int | None = None,
+) -> torch.Tensor:
     """Rotate x [B, S, H, D] by RoPE at ``positions`` ([S] or [B, S] ints); differentiable.
 
-    Equals ``apply_rope(x, positions, theta=theta)`` (full rotary dim, no scaling).
+    Equals ``apply_rope(x, positions, theta=theta, scaling=scaling, seq_len=seq_len)`` (full
+    rotary dim).
     """
-    cos, sin = rope_tables(x, positions, theta=theta)
+    cos, sin = rope_tables(x, positions, theta=theta, scaling=scaling, seq_len=seq_len)
     return _RotateFunc.apply(x, cos, sin)

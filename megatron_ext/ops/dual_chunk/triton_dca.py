@@ -17,6 +17,7 @@ import torch
 
 from megatron_ext.ops.backend import resolve_backend
 from megatron_ext.ops.dual_chunk.block import dca_rotate_keys, dca_rotate_queries
+from megatron_ext.ops.rope import RopeScaling
 from megatron_ext.ops.triton import triton_attention_supported, triton_dca_attention
 
 __all__ = ["dual_chunk_attn_triton", "use_triton"]
@@ -48,22 +49,27 @@ def dual_chunk_attn_triton(
     *,
     q_positions: torch.Tensor,
     k_positions: torch.Tensor,
-    temperature: torch.Tensor,
+    temperature: torch.Tensor | None,
     chunk_size: int,
     local_size: int,
     theta: float = 10000.0,
     softmax_scale: float | None = None,
     q_offset: int = 0,
+    keys_rotated: bool = False,
+    scaling: RopeScaling | None = None,
+    seq_len: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """DCA of un-rotated q, k, v via the fused kernel (arguments checked by the caller).
+    """DCA of un-rotated q via the fused kernel (arguments checked by the caller).
 
     Args:
         q: [B, Sq, H, D] un-rotated queries at positions ``q_positions`` = q_offset + r.
-        k, v: [B, Sk, Hkv, D]; k un-rotated, at positions ``k_positions`` = 0..Sk-1.
-        q_positions: int [Sq]; k_positions: int [Sk] (from ``dca_layout`` without doc_ids).
-        temperature: fp64 [Sq], one value (T); logits are scaled by T².
+        k, v: [B, Sk, Hkv, D]; k at positions ``k_positions`` = 0..Sk-1, un-rotated unless
+            ``keys_rotated`` (then already ``dca_rotate_keys`` output).
+        q_positions: int [Sq]; k_positions: int [Sk] (the plain layout, no documents).
+        temperature: None or fp64 [Sq] holding one value (T); logits are scaled by T².
         chunk_size, local_size: M and W (C = M - W).
-        theta: RoPE base. softmax_scale: default 1/sqrt(D). q_offset: position of row 0.
+        theta, scaling, seq_len: RoPE base, frequency scaling and dynamic-NTK length.
+        softmax_scale: default 1/sqrt(D). q_offset: position of row 0.
 
     Returns:
         out [B, Sq, H, D] in q's dtype; lse [B, H, Sq] fp32 (fp64 for fp64 inputs).
@@ -74,13 +80,14 @@ def dual_chunk_attn_triton(
             f"{tuple(k_positions.shape)}; the fused path takes shared 1-D positions (no doc_ids)"
         )
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
-    if temperature.numel():
+    if temperature is not None and temperature.numel():
         t0 = temperature.flatten()[0]
         if not bool((temperature == t0).all()):
             raise ValueError("temperature varies across queries; the fused path takes one T")
         scale *= float(t0) ** 2
-    rope = {"chunk_size": chunk_size, "local_size": local_size, "theta": theta}
-    k_rot = dca_rotate_keys(k, k_positions, **rope)
+    rope = {"chunk_size": chunk_size, "local_size": local_size, "theta": theta,
+            "scaling": scaling, "seq_len": seq_len}
+    k_rot = k if keys_rotated else dca_rotate_keys(k, k_positions, **rope)
     q_intra, q_succ, q_inter = dca_rotate_queries(q, q_positions, **rope)
     return triton_dca_attention(
         q_intra, q_succ, q_inter, k_rot, v, chunk_len=chunk_size - local_size,

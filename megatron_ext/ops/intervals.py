@@ -1,6 +1,7 @@
 """Attention where each query row sees one contiguous interval of keys, [lo_r, hi_r).
 
-Every DCA pass has this shape once keys are ordered by (document, position): intra rows see
+The generic engine behind every block of context parallelism and every DCA pass. Every DCA
+pass has this shape once keys are ordered by (document, position): intra rows see
 their chunk up to themselves, successive rows the whole previous chunk, inter rows the document
 prefix before that. One pass over *all* query rows is therefore one call here, on the package's
 blockwise engine (``blockwise.plan_blocks`` / ``run_forward`` / ``run_backward`` and the tile
