@@ -4,7 +4,8 @@
 `megatron.core.models.gpt.GPTModel` built from the local (non-TransformerEngine) layer spec with
 megatron_ext's core attention in place of `DotProductAttention`. GPTModel's own position
 embedding is 'none': RoPE (and DCA's / CoCA's position rules) are applied inside the core
-attention at the positions the caller passes in a `SequenceInfo` (GPTModel's attention_mask).
+attention at the positions the caller passes in a `SequenceInfo` (GPTModel's
+`packed_seq_params`; `megatron_ext.layers.forward.gpt_forward` builds it).
 
 One spec serves every layer of a model: each core-attention module resolves its own layer's
 behaviour (RoPE or NoPE, window, chunk, temperature) from `ExtTransformerConfig` by layer
@@ -57,8 +58,7 @@ def _variant_fields(model_cfg: ModelConfig, attn: AttentionConfig) -> dict:
         }
     if attn.variant == "dca":
         assert attn.dca is not None
-        out.update(dca_chunk_size=attn.dca.chunk_size, dca_local_size=attn.dca.local_size,
-                   dca_original_max_position_embeddings=attn.dca.original_max_position_embeddings)
+        out["dca"] = attn.dca  # the typed section, unchanged, down to the op
     if attn.variant == "hybrid":
         assert attn.hybrid is not None
         hy = attn.hybrid

@@ -71,26 +71,26 @@ def _loss(model, batch: dict, mask_documents: bool, cp: tuple[str, int, int] | N
           ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed token loss and token count of one micro-batch (this CP rank's shard of it)."""
     from megatron_ext.data.packing import IGNORE_INDEX
-    from megatron_ext.layers.core_attention import SequenceInfo
+    from megatron_ext.layers.forward import gpt_forward
 
+    lay = None
     if cp is not None:  # (layout, cp size, cp rank): keep this rank's tokens
         from megatron_ext.parallel.batch import cp_shard_batch
 
         layout, cp_size, cp_rank = cp
         local, lay = cp_shard_batch(batch, layout=layout, world_size=cp_size, rank=cp_rank,
                                     mask_documents=mask_documents)
-        tokens, labels = local["tokens"], local["labels"]
-        info = SequenceInfo(local["positions"], cp_layout=lay)  # -1 on padding slots
+        tokens, labels, positions, doc_ids = local["tokens"], local["labels"], \
+            local["positions"], None  # positions -1 on padding slots
     else:
         tokens, labels = batch["tokens"], batch["labels"]
         if mask_documents:
-            info = SequenceInfo(batch["positions"], batch["doc_ids"])
+            positions, doc_ids = batch["positions"], batch["doc_ids"]
         else:  # one stream per row: positions count from the row start, across documents
-            B, S = labels.shape
-            info = SequenceInfo(torch.arange(S).expand(B, S))
+            positions, doc_ids = None, None
     mask = labels != IGNORE_INDEX
-    per_token = model(tokens, info.positions.clamp(min=0), info,
-                      labels=labels.masked_fill(~mask, 0))
+    per_token = gpt_forward(model, tokens, positions=positions, doc_ids=doc_ids, cp_layout=lay,
+                            labels=labels.masked_fill(~mask, 0))
     return (per_token.float() * mask).sum(), mask.sum()
 
 

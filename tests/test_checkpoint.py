@@ -39,7 +39,7 @@ from megatron_ext.checkpoint import (
     save_megatron_checkpoint,
 )
 from megatron_ext.config import config_from_dict, load_config
-from megatron_ext.layers.core_attention import SequenceInfo
+from megatron_ext.layers.forward import gpt_forward
 from megatron_ext.specs import build_gpt_model
 
 VOCAB, B, S = 64, 2, 12
@@ -80,7 +80,7 @@ def _logits(model: torch.nn.Module) -> torch.Tensor:
     tokens = torch.randint(0, VOCAB, (B, S), generator=torch.Generator().manual_seed(7))
     pos = torch.arange(S).expand(B, S)
     with torch.no_grad():
-        return model(tokens, pos, SequenceInfo(pos))
+        return gpt_forward(model, tokens, positions=pos)
 
 
 def _params(model: torch.nn.Module) -> dict[str, torch.Tensor]:

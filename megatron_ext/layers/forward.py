@@ -2,7 +2,8 @@
 
 Training, evaluation, conversion checks and inference all call the model through this function,
 so how positions, document boundaries and the context-parallel layout reach the core attention
-is decided in one place (today: a `SequenceInfo` in GPTModel's `attention_mask` slot).
+is decided in one place: a `SequenceInfo` in GPTModel's `packed_seq_params` slot, which
+Megatron forwards untouched to the core attention.
 """
 
 from __future__ import annotations
@@ -52,5 +53,5 @@ def gpt_forward(
         raise ValueError(f"positions.shape={tuple(positions.shape)}; expected {(B, S)}")
     if doc_ids is not None and doc_ids.shape != (B, S):
         raise ValueError(f"doc_ids.shape={tuple(doc_ids.shape)}; expected {(B, S)}")
-    info = SequenceInfo(positions, doc_ids, seq_len=seq_len, cp_layout=cp_layout)
-    return model(tokens, positions.clamp(min=0), info, labels=labels)
+    info = SequenceInfo(positions=positions, doc_ids=doc_ids, seq_len=seq_len, cp_layout=cp_layout)
+    return model(tokens, positions.clamp(min=0), None, labels=labels, packed_seq_params=info)

@@ -23,6 +23,7 @@ from typing import Any
 
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_ext.ops.dual_chunk import DCAParams
 from megatron_ext.ops.rope import RopeScaling
 
 VARIANTS = ("rope", "nope", "hybrid", "coca", "dca")
@@ -91,12 +92,10 @@ class ExtTransformerConfig(TransformerConfig):
     """Llama-4 `attn_scale` (a temperature coefficient, not the softmax scale)."""
     coca_form: str = "slack"
     """CoCA: slack (released code) or strict (paper Eq. 9)."""
-    dca_chunk_size: int | None = None
-    """DCA M (largest position index)."""
-    dca_local_size: int | None = None
-    """DCA W (local window); chunk length C = M - W."""
-    dca_original_max_position_embeddings: int | None = None
-    """DCA temperature L_o (None = no temperature)."""
+    dca: Any = None
+    """DCA sizes, passed unchanged to the method: the run config's `attention.dca` section (or
+    any object with `chunk_size` M, `local_size` W and `original_max_position_embeddings` L_o,
+    e.g. `megatron_ext.ops.DCAParams`); chunk length C = M - W."""
     mask_documents: bool = True
     """Packed rows never attend across documents."""
 
@@ -133,17 +132,16 @@ class ExtTransformerConfig(TransformerConfig):
             self.rope_scaling_ops()  # validates
         v = self.attention_variant
         if v == "dca":
-            if self.dca_chunk_size is None or self.dca_local_size is None:
-                raise ValueError("attention_variant='dca' needs dca_chunk_size and dca_local_size")
-            if not 0 <= self.dca_local_size < self.dca_chunk_size:
-                raise ValueError(f"dca_local_size={self.dca_local_size}, dca_chunk_size="
-                                 f"{self.dca_chunk_size}; expected 0 <= local < chunk")
+            if self.dca is None:
+                raise ValueError("attention_variant='dca' needs dca (chunk_size, local_size)")
+            DCAParams(self.dca.chunk_size, self.dca.local_size,
+                      self.dca.original_max_position_embeddings)  # validates
         if v == "coca" and self.rotary_percent != 1.0:
             raise ValueError(f"CoCA rotates the whole head; rotary_percent={self.rotary_percent}")
-        if v == "dca" and (self.rotary_percent != 1.0 or self.rope_scaling is not None):
-            raise ValueError(f"attention_variant='dca' rotates the whole head with plain RoPE at "
-                             f"remapped positions; rotary_percent={self.rotary_percent} and "
-                             f"rope_scaling={self.rope_scaling} are not supported (use 1.0, None)")
+        if v == "dca" and self.rotary_percent != 1.0:
+            raise ValueError(f"attention_variant='dca' rotates the whole head at remapped "
+                             f"positions; rotary_percent={self.rotary_percent} is not supported "
+                             "(use 1.0)")
         if v in ("dca", "coca", "nope") and self.qk_l2_norm:
             raise ValueError(f"attention_variant={v!r} with qk_l2_norm=True: the Llama-4 L2 "
                              "QK-norm applies after RoPE and is only implemented for rope / "
@@ -159,6 +157,21 @@ class ExtTransformerConfig(TransformerConfig):
             raise ValueError("CoCA needs RoPE on every layer; no_rope_freq must be unset")
         for i in range(1, n + 1):
             self.layer_attention(i)  # every layer resolves, or raises naming it
+
+    @property
+    def dca_chunk_size(self) -> int | None:
+        """DCA M (read-only view of `dca`)."""
+        return None if self.dca is None else self.dca.chunk_size
+
+    @property
+    def dca_local_size(self) -> int | None:
+        """DCA W (read-only view of `dca`)."""
+        return None if self.dca is None else self.dca.local_size
+
+    @property
+    def dca_original_max_position_embeddings(self) -> int | None:
+        """DCA L_o (read-only view of `dca`)."""
+        return None if self.dca is None else self.dca.original_max_position_embeddings
 
     def rope_scaling_ops(self) -> RopeScaling | None:
         """The ops-level RopeScaling for `rope_scaling` (None when unset)."""

@@ -19,6 +19,7 @@ layer which plans can honour their mask.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -28,9 +29,15 @@ from megatron_ext.ops.block_attention import block_attention, block_key_ranges
 from megatron_ext.ops.documents import document_runs
 from megatron_ext.ops.meta import Meta, rope_length
 
-__all__ = ["GENERIC_PLANS", "AttentionMethod", "BatchMeta", "masked_block", "standard_offset"]
+__all__ = [
+    "GENERIC_PLANS", "AttentionMethod", "BatchMeta", "BlockFn", "masked_block", "standard_offset",
+]
 
 GENERIC_PLANS = ("ring", "allgather", "a2a")
+BlockFn = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, Meta, Meta], tuple[torch.Tensor, torch.Tensor]
+]
+"""(q, k, v, query Meta, key Meta) -> fp32 (out, lse): what the context-parallel plans call."""
 
 
 @dataclass(eq=False)

@@ -12,8 +12,9 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from megatron_ext.ops.meta import Meta, cat_meta
+from megatron_ext.ops.method import BlockFn
 from megatron_ext.parallel.comm import all_gather_cp
-from megatron_ext.parallel.methods import BlockFn, Meta, cat_meta
 
 __all__ = ["allgather_attention"]
 

@@ -24,8 +24,9 @@ import torch
 import torch.distributed as dist
 
 from megatron_ext.ops import block_key_ranges
+from megatron_ext.ops.meta import Meta, cat_meta
+from megatron_ext.ops.method import BlockFn
 from megatron_ext.parallel.comm import halo_exchange
-from megatron_ext.parallel.methods import BlockFn, Meta, cat_meta
 
 __all__ = ["check_local", "halo_attention", "halo_plan", "needed_keys"]
 
@@ -127,6 +128,7 @@ def halo_attention(
     chunk: int | None,
     local: bool = False,
     what: str = "",
+    plan: tuple | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Windowed / chunked attention with a halo exchange (or none, for ``local``).
 
@@ -138,15 +140,20 @@ def halo_attention(
         window, chunk: the layer's mask (one or both).
         local: refuse (ValueError) instead of exchanging when any key must travel.
         what: description of the mask for error messages.
+        plan: ``halo_plan``'s result made earlier for the same metadata (then neither the plan
+            nor, for ``local``, the check is redone); None = make it here.
 
     Returns:
         out [B, L, H, D] (fp32, fp64 for fp64) and lse [B, H, L], differentiable.
     """
     rank = dist.get_rank(group)
     if local:
-        check_local(metas, window=window, chunk=chunk, what=what)
+        if plan is None:
+            check_local(metas, window=window, chunk=chunk, what=what)
         return block(q, k, v, metas[rank], metas[rank])
-    send, recv, rows, recv_meta = halo_plan(metas, rank, window=window, chunk=chunk)
+    if plan is None:
+        plan = halo_plan(metas, rank, window=window, chunk=chunk)
+    send, recv, rows, recv_meta = plan
     B, L = k.shape[:2]
     kv = torch.stack((k, v), 2)  # [B, L, 2, Hkv, D]
     send = {p: idx.to(k.device) for p, idx in send.items()}

@@ -23,8 +23,9 @@ import torch
 import torch.distributed as dist
 
 from megatron_ext.ops import merge_attn_outputs
+from megatron_ext.ops.meta import Meta
+from megatron_ext.ops.method import BlockFn
 from megatron_ext.parallel.comm import RingComm
-from megatron_ext.parallel.methods import BlockFn, Meta
 
 __all__ = ["ring_attention"]
 
@@ -58,15 +59,20 @@ class _RingAttnFunc(torch.autograd.Function):
     """forward: ring pass of K/V with merged partials; backward: ring pass of K/V and dK/dV."""
 
     @staticmethod
-    def forward(ctx, q, k, v, block, q_meta, metas, comm):
+    def forward(ctx, q, k, v, block, q_meta, metas, comm, known_live):
         P, rank = comm.world_size, comm.rank
         kv = torch.stack((k, v))
         out = lse = None
         live = []
         for t in range(P):
             nxt = comm.send_recv(kv, key="ring.fwd", tag=_KV_TAG) if t + 1 < P else None
+            if known_live is not None and not known_live[t]:  # planned: no key visible
+                live.append(False)
+                if nxt is not None:
+                    kv = comm.wait(nxt)
+                continue
             o_t, l_t = block(q, kv[0], kv[1], q_meta, metas[(rank - t) % P])
-            live.append(bool(torch.isfinite(l_t).any()))
+            live.append(True if known_live is not None else bool(torch.isfinite(l_t).any()))
             if live[-1]:
                 acc = _acc_dtype(q)
                 o_t, l_t = o_t.to(acc), l_t.to(acc)
@@ -109,7 +115,7 @@ class _RingAttnFunc(torch.autograd.Function):
             if nxt is not None:
                 kv = comm.wait(nxt)
         dkv = dkv if pending_dkv is None else comm.wait(pending_dkv)  # home after P hops
-        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None, None
+        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None, None, None
 
 
 def ring_attention(
@@ -119,6 +125,8 @@ def ring_attention(
     block: BlockFn,
     metas: list[Meta],
     group: dist.ProcessGroup | None,
+    *,
+    live: list[bool] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Ring attention of this rank's queries against every rank's K/V shard.
 
@@ -128,9 +136,14 @@ def ring_attention(
         block: block function (q, k, v, q_meta, k_meta) -> fp32 (out, lse).
         metas: every rank's Meta, in rank order.
         group: the context-parallel process group.
+        live: per ring step t, whether any query here sees any key of rank (rank - t) mod P
+            (planned once per batch from the metadata); None = find out from each block's lse,
+            which reads a device value per step.
 
     Returns:
         out [B, L, H, D] in q's dtype and lse [B, H, L] (fp32; fp64 for fp64), differentiable.
     """
     comm = RingComm(group)
-    return _RingAttnFunc.apply(q, k, v, block, metas[comm.rank], metas, comm)
+    if live is not None and len(live) != comm.world_size:
+        raise ValueError(f"live has {len(live)} entries; the ring has {comm.world_size} steps")
+    return _RingAttnFunc.apply(q, k, v, block, metas[comm.rank], metas, comm, live)

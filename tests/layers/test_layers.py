@@ -38,8 +38,9 @@ from reference_model import (
 from megatron_ext.config import load_config
 from megatron_ext.dist import init_distributed
 from megatron_ext.layers.coca_attention import CoCACoreAttention, CoCASelfAttention
-from megatron_ext.layers.core_attention import ExtCoreAttention, SequenceInfo
+from megatron_ext.layers.core_attention import ExtCoreAttention
 from megatron_ext.layers.dual_chunk_attention import DualChunkCoreAttention
+from megatron_ext.layers.forward import gpt_forward
 from megatron_ext.ops import attention_ref, coca_attn_ref, dual_chunk_attn_ref
 from megatron_ext.ops.documents import document_runs
 from megatron_ext.specs import build_gpt_model
@@ -155,7 +156,7 @@ def test_logits_and_grads_match_reference(megatron_single_process, overrides: li
     ref = ReferenceGPT(cfg.model, cfg.attention, model.state_dict())
     tokens, positions, doc_ids = packed_batch()
 
-    logits = model(tokens, positions, SequenceInfo(positions, doc_ids))
+    logits = gpt_forward(model, tokens, positions=positions, doc_ids=doc_ids)
     expected = ref(tokens, positions, doc_ids)
     assert logits.shape == (2, 33, VOCAB)
     assert torch.isfinite(logits).all()
@@ -203,7 +204,7 @@ def test_comparison_is_sensitive(megatron_single_process, overrides: list[str], 
     tokens, positions, doc_ids = packed_batch()
     wrong_pos = document_runs(doc_ids)[1] if wrong == "restarted" else positions // 2
     with torch.no_grad():
-        logits = model(tokens, positions, SequenceInfo(positions, doc_ids))
+        logits = gpt_forward(model, tokens, positions=positions, doc_ids=doc_ids)
         for pos, docs in ((wrong_pos, doc_ids), (positions, torch.zeros_like(doc_ids))):
             assert (ref(tokens, pos, docs) - logits).abs().max().item() > 1e-2
 
@@ -217,7 +218,7 @@ def test_comparison_is_sensitive(megatron_single_process, overrides: list[str], 
     ],
 )
 def test_no_sequence_info_is_one_document_from_zero(megatron_single_process, overrides):
-    """attention_mask=None means positions 0..S-1 and one document per row."""
+    """No SequenceInfo (packed_seq_params=None) means positions 0..S-1, one document per row."""
     cfg, model = build(overrides)
     ref = ReferenceGPT(cfg.model, cfg.attention, model.state_dict())
     tokens = torch.randint(0, VOCAB, (2, 19))

@@ -31,7 +31,7 @@ from megatron.core import parallel_state as ps
 from utils import run_distributed
 
 from megatron_ext.config import config_from_dict
-from megatron_ext.layers.core_attention import SequenceInfo
+from megatron_ext.layers.forward import gpt_forward
 from megatron_ext.specs import build_gpt_model
 
 VOCAB, B, S, SPLIT = 128, 2, 24, 15
@@ -131,10 +131,10 @@ def _run_variant(name: str, tp: int) -> dict:
     torch.manual_seed(0)
     model = build_gpt_model(cfg.model, cfg.attention, vocab_size=VOCAB, tp=tp).double()
     tokens, labels, pos, doc = _batch()
-    info = SequenceInfo(pos, doc)
     with torch.no_grad():
-        loss = model(tokens, pos, info, labels=labels)
-    logits = model(tokens, pos, info)  # [B, S, VOCAB / tp]: this rank's vocab slice
+        loss = gpt_forward(model, tokens, positions=pos, doc_ids=doc, labels=labels)
+    # [B, S, VOCAB / tp]: this rank's vocab slice
+    logits = gpt_forward(model, tokens, positions=pos, doc_ids=doc)
     # a fixed fp64 cotangent on the full logits, this rank's vocab slice of it
     cotangent = torch.randn(
         B, S, VOCAB, generator=torch.Generator().manual_seed(99), dtype=torch.float64

@@ -15,12 +15,15 @@ All checks are exact (booleans, integers, strings).
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 from megatron.core.transformer.utils import is_layer_window_attention
 from transformers import Cohere2Config, Llama4TextConfig, SmolLM3Config
 
 from megatron_ext.config import load_config
 from megatron_ext.layers.transformer_config import ExtTransformerConfig
+from megatron_ext.ops import DCAParams
 from megatron_ext.specs import ext_transformer_config
 
 BASE = {
@@ -29,7 +32,7 @@ BASE = {
     "num_attention_heads": 4,
     "use_cpu_initialization": True,
 }
-DCA = {"attention_variant": "dca", "dca_chunk_size": 10, "dca_local_size": 3}
+DCA = {"attention_variant": "dca", "dca": DCAParams(10, 3)}
 HYB = {"attention_variant": "hybrid"}
 SWA = {**HYB, "window_size": (3, 0)}
 YARN = {"type": "yarn", "factor": 2.0, "original_max_position_embeddings": 16}
@@ -109,12 +112,13 @@ ERRORS = [
     ),
     pytest.param(
         {"attention_variant": "dca"},
-        "attention_variant='dca' needs dca_chunk_size and dca_local_size",
+        r"attention_variant='dca' needs dca \(chunk_size, local_size\)",
         id="dca-sizes",
     ),
     pytest.param(
-        {**DCA, "dca_local_size": 10},
-        "dca_local_size=10, dca_chunk_size=10; expected 0 <= local < chunk",
+        {**DCA, "dca": SimpleNamespace(chunk_size=10, local_size=10,
+                                       original_max_position_embeddings=None)},
+        "local_size=10; expected an int with 0 <= local_size < chunk_size=10",
         id="dca-local",
     ),
     pytest.param(
@@ -126,11 +130,6 @@ ERRORS = [
         {**DCA, "rotary_percent": 0.5},
         "attention_variant='dca' rotates the whole head .*rotary_percent=0.5",
         id="dca-partial",
-    ),
-    pytest.param(
-        {**DCA, "rope_scaling": YARN},
-        "attention_variant='dca' rotates .*rope_scaling=\\{'type': 'yarn'",
-        id="dca-rope-scaling",
     ),
     pytest.param(
         {**DCA, "qk_l2_norm": True}, "attention_variant='dca' with qk_l2_norm=True", id="dca-l2"

@@ -20,6 +20,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
+from method_factory import make_method
 from utils import run_distributed
 
 from megatron_ext.ops import attention_func, coca_attn_func, dual_chunk_attn_func
@@ -87,7 +88,7 @@ def _compare(case, attn, kw, plan, group, tensors, doc_ids, ref, tol=TOL):
     _, S, _, _, layout, _ = CASES[case]
     lay = make_layout(layout, S, dist.get_world_size(group), doc_ids=doc_ids)
     shards = [shard(t, layout=lay, group=group).requires_grad_() for t in (q, k, v)]
-    out = cp_attn_func(*shards, group=group, attn=attn, plan=plan, layout=lay, **kw)
+    out = cp_attn_func(*shards, group=group, method=make_method(attn, **kw), plan=plan, layout=lay)
     out_g = unshard(out, layout=lay, group=group)
     (out_g * dout).sum().backward()
     got = [out_g.detach()] + [unshard(t.grad, layout=lay, group=group) for t in shards]
@@ -104,7 +105,7 @@ def _bf16_ring_failures(group) -> list[str]:
     low = attention_func(q.bfloat16(), k.bfloat16(), v.bfloat16())[0].float()
     lay = make_layout("zigzag", q.shape[1], dist.get_world_size(group))
     shards = [shard(t.bfloat16(), layout=lay, group=group) for t in (q, k, v)]
-    out = cp_attn_func(*shards, group=group, attn="plain", plan="ring", layout=lay)
+    out = cp_attn_func(*shards, group=group, method=make_method("plain"), plan="ring", layout=lay)
     out = unshard(out, layout=lay, group=group).float()
     err, base = float((out - want).abs().max()), float((low - want).abs().max())
     return [] if err <= 2 * base + 1e-3 else [f"bf16 ring error {err} > 2 * {base} + 1e-3"]

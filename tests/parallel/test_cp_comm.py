@@ -21,6 +21,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
+from method_factory import make_method
 from utils import run_distributed
 
 from megatron_ext.parallel import bytes_sent, cp_attn_func, make_layout, reset_bytes_sent, shard
@@ -36,7 +37,8 @@ def _run(group, S, attn, plan, layout="zigzag", doc_ids=None, H=H, Hkv=HKV, **kw
     x = [torch.randn(B, S, h, D) for h in (H, Hkv, Hkv)]
     q, k, v = [shard(t, layout=lay, group=group).requires_grad_() for t in x]
     reset_bytes_sent()
-    cp_attn_func(q, k, v, group=group, attn=attn, plan=plan, layout=lay, **kw).sum().backward()
+    method = make_method(attn, **kw)
+    cp_attn_func(q, k, v, group=group, method=method, plan=plan, layout=lay).sum().backward()
     return bytes_sent(), lay.local_len
 
 
@@ -99,44 +101,52 @@ def test_bytes_sent_equal_analytic_volume(world_size: int, tmp_path) -> None:
 
 
 def _errors(P: int):
-    """(kwargs of cp_attn_func, shapes (S, H, Hkv), expected message) per refusal."""
+    """(method, plan, layout kind, shapes (S, H, Hkv), expected message) per refusal."""
     h_bad = 6 if P == 4 else 3  # H not divisible by P
+    plain, dca = make_method("plain"), make_method("dca", chunk_size=7, local_size=2)
     return [
-        ({"attn": "plain", "plan": "a2a"}, (16, h_bad, h_bad // 3),
-         f"H={h_bad} is not divisible by CP={P}"),
-        ({"attn": "plain", "plan": "a2a"}, (16, 12, 3), f"cannot split Hkv=3 KV heads over CP={P}"),
-        ({"attn": "plain", "plan": "halo"}, (16, 4, 2), "plan='halo' cannot honour attn='plain'"),
-        ({"attn": "dca", "plan": "local", "chunk_size": 7, "local_size": 2}, (16, 4, 2),
-         "plan='local' cannot honour attn='dca'"),
-        ({"attn": "coca", "plan": "halo"}, (16, 4, 2), "plan='halo' cannot honour attn='coca'"),
-        ({"attn": "window", "plan": "local", "window": 3}, (16, 4, 2),
-         "plan='local' cannot honour attn='window'"),
-        ({"attn": "chunked", "plan": "local", "chunk": 3}, (16, 4, 2),
-         "plan='local' cannot honour attn='chunked' with window=None, chunk=3: rank"),
-        ({"attn": "plain", "plan": "p2p"}, (16, 4, 2), "plan='p2p'"),
-        ({"attn": "nope"}, (16, 4, 2), "attn='nope'"),
-        ({"attn": "plain", "window": 3}, (16, 4, 2), r"unexpected keyword arguments \['window'\]"),
-        ({"attn": "window"}, (16, 4, 2), r"needs \['window'\]"),
-        ({"attn": "chunked", "chunk": 2, "causal": False}, (16, 4, 2), "the mask is causal"),
-        ({"attn": "plain", "layout": "zigzag"}, (2 * P + P, 4, 2), "must be even"),
+        (plain, "a2a", "zigzag", (16, h_bad, h_bad // 3), f"H={h_bad} is not divisible by CP={P}"),
+        (plain, "a2a", "zigzag", (16, 12, 3), f"cannot split Hkv=3 KV heads over CP={P}"),
+        (plain, "halo", "zigzag", (16, 4, 2), "plan='halo' cannot honour plain attention"),
+        (dca, "local", "zigzag", (16, 4, 2), "plan='local' cannot honour dca attention"),
+        (make_method("coca"), "halo", "zigzag", (16, 4, 2),
+         "plan='halo' cannot honour coca attention"),
+        (make_method("window", window=3), "local", "zigzag", (16, 4, 2),
+         "plan='local' cannot honour window attention with window=3, chunk=None: rank"),
+        (make_method("chunked", chunk=3), "local", "zigzag", (16, 4, 2),
+         "plan='local' cannot honour chunked attention with window=None, chunk=3: rank"),
+        (plain, "p2p", "zigzag", (16, 4, 2), "plan='p2p'"),
+        (plain, None, "name", (2 * P + P, 4, 2), "must be even"),
     ]  # fmt: skip
 
 
 def _check_errors(rank: int, group) -> None:
     P = dist.get_world_size(group)
-    for kw, (S, h, hkv), match in _errors(P):
+    for method, plan, layout, (S, h, hkv), match in _errors(P):
         L = S // P
         q, k = torch.randn(1, L, h, D), torch.randn(1, L, hkv, D)
-        kw = {"layout": make_layout("zigzag", S, P), **kw}
+        lay = "zigzag" if layout == "name" else make_layout(layout, S, P)
         with pytest.raises(ValueError, match=match):
-            cp_attn_func(q, k, k, group=group, **kw)
+            cp_attn_func(q, k, k, group=group, method=method, plan=plan, layout=lay)
     lay = make_layout("zigzag", 20, P)  # shards of another length than the layout's
     with pytest.raises(ValueError, match="does not match"):
-        cp_attn_func(*[torch.randn(1, lay.local_len + 2, 2, D)] * 3, group=group, attn="plain",
-                     layout=lay)  # fmt: skip
+        cp_attn_func(*[torch.randn(1, lay.local_len + 2, 2, D)] * 3, group=group,
+                     method=make_method("plain"), layout=lay)  # fmt: skip
     with pytest.raises(ValueError, match="layout.world_size"):
-        cp_attn_func(*[torch.randn(1, 4, 2, D)] * 3, group=group, attn="plain",
+        cp_attn_func(*[torch.randn(1, 4, 2, D)] * 3, group=group, method=make_method("plain"),
                      layout=make_layout("zigzag", 8, P + 1))  # fmt: skip
+
+
+def test_method_refusals() -> None:
+    """Bad method arguments are refused when the method is built (no process group needed)."""
+    with pytest.raises(ValueError, match="window=0; expected None or an int >= 1"):
+        make_method("window", window=0)
+    with pytest.raises(ValueError, match="those masks are causal"):
+        make_method("chunked", chunk=2, causal=False)
+    with pytest.raises(ValueError, match="form='loose'"):
+        make_method("coca", form="loose")
+    with pytest.raises(ValueError, match="local_size=7"):
+        make_method("dca", chunk_size=7, local_size=7)
 
 
 @pytest.mark.parametrize("world_size", [2, 4])
