@@ -42,7 +42,15 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import doc_tables  # noqa: E402
 
-from megatron_ext.ops import attention_func, coca_attn_func, dual_chunk_attn_func  # noqa: E402
+from megatron_ext.ops import (  # noqa: E402
+    CoCAAttention,
+    DCAParams,
+    DualChunkAttention,
+    RopeAttention,
+    attention_func,
+    coca_attn_func,
+    dual_chunk_attn_func,
+)
 from megatron_ext.parallel import (  # noqa: E402
     bytes_sent,
     cp_attn_func,
@@ -80,6 +88,15 @@ def _single(attn: str, kw: dict, q, k, v) -> torch.Tensor:
     return attention_func(q, k, v, window=kw.get("window"), chunk=kw.get("chunk"))[0]
 
 
+def _method(attn: str, kw: dict):
+    """The method object the model would build for this row (what cp_attn_func runs)."""
+    if attn == "dca":
+        return DualChunkAttention(DCAParams(kw["chunk_size"], kw["local_size"]))
+    if attn == "coca":
+        return CoCAAttention()
+    return RopeAttention(rope=None, window=kw.get("window"), chunk=kw.get("chunk"))
+
+
 def _worker(rank: int, P: int, store: str, sizes, reps: int, out_path: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", store=dist.FileStore(store, P), rank=rank, world_size=P)
@@ -94,7 +111,7 @@ def _worker(rank: int, P: int, store: str, sizes, reps: int, out_path: str) -> N
                 reset_bytes_sent()
                 t0 = time.perf_counter()
                 cp_attn_func(
-                    *shards, group=None, attn=attn, plan=plan, layout=lay, **kw
+                    *shards, group=None, method=_method(attn, kw), plan=plan, layout=lay
                 ).sum().backward()
                 elapsed = torch.tensor([time.perf_counter() - t0])
                 dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
