@@ -100,7 +100,9 @@ class RopeAttention(AttentionMethod):
         if self.temperature is not None:
             floor_scale, attn_scale = self.temperature
             pos = meta.positions.clamp(min=0).to(q.device)
-            factor = llama4_attn_temperature(pos, floor_scale=floor_scale, attn_scale=attn_scale)
+            dt = torch.float64 if q.dtype == torch.float64 else torch.float32
+            factor = llama4_attn_temperature(pos, floor_scale=floor_scale, attn_scale=attn_scale,
+                                             dtype=dt)
             return q * factor.to(q.dtype)[..., None, None]
         return q
 

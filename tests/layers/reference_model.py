@@ -201,12 +201,15 @@ def dca_attention_at(
     local_size: int,
     theta: float,
     original_max_position_embeddings: int | None = None,
+    scaling: RopeScaling | None = None,
 ) -> torch.Tensor:
     """Dense Dual Chunk Attention (METHODS §5) at explicit positions, causal within documents.
 
     ``z_ij = T_i^2 <R_{pos_q(i, j)} q_i, R_{j mod C} k_j> / sqrt(D)`` with the intra / successive
     / inter rule for pos_q, and ``T_i = max(1, 0.1 ln(L_i / L_o) + 1)`` where L_i is the length of
     query i's document as the batch shows it (largest position + 1); T = 1 without L_o.
+
+    RoPE ``scaling`` (dynamic NTK) uses L = the batch's largest position + 1.
 
     Args:
         q: [B, S, H, D]; k, v: [B, S, Hkv, D]; positions, doc_ids: int [B, S].
@@ -219,10 +222,11 @@ def dca_attention_at(
     pos_q, pos_k = dca_position_rule(
         positions, positions, chunk_size=chunk_size, local_size=local_size
     )  # [B, S, S], [B, S]
-    k_rot = apply_rope(k, pos_k, theta=theta).repeat_interleave(rep, dim=2)
+    rope = {"theta": theta, "scaling": scaling, "seq_len": int(positions.max()) + 1}
+    k_rot = apply_rope(k, pos_k, **rope).repeat_interleave(rep, dim=2)
     z = torch.zeros(B, H, S, S, dtype=q.dtype)
     for p in pos_q.unique().tolist():  # every query rotation the rule uses, picked per pair
-        q_rot = apply_rope(q, torch.full_like(positions, p), theta=theta)
+        q_rot = apply_rope(q, torch.full_like(positions, p), **rope)
         z = torch.where((pos_q == p)[:, None], torch.einsum("bihd,bjhd->bhij", q_rot, k_rot), z)
     temp = torch.ones(B, S, dtype=q.dtype)
     if original_max_position_embeddings:

@@ -64,7 +64,8 @@ class DualChunkAttention(AttentionMethod):
         scaling: RopeScaling | None = None,
         softmax_scale: float | None = None,
     ) -> None:
-        self.dca = DCAParams(dca.chunk_size, dca.local_size, dca.original_max_position_embeddings)
+        DCAParams(dca.chunk_size, dca.local_size, dca.original_max_position_embeddings)  # checks
+        self.dca = dca  # the caller's typed section, unchanged
         self.theta, self.scaling, self.softmax_scale = theta, scaling, softmax_scale
 
     def _sizes(self) -> dict:
