@@ -61,7 +61,33 @@ FILES = sorted(p for tier in LOW_TIERS for p in (ROOT / "megatron_ext" / tier).r
 
 
 def test_low_tier_files_found() -> None:
-    assert any(p.name == "attention.py" for p in FILES)  # the walk below is not vacuous
+    names = {str(p.relative_to(ROOT / "megatron_ext")) for p in FILES}
+    # the walk below is not vacuous and covers the one-path modules
+    assert {"ops/attention.py", "ops/backend.py", "ops/method.py", "ops/meta.py",
+            "ops/intervals.py", "parallel/cp_attention.py"} <= names, names
+
+
+@pytest.mark.parametrize("path", [p for p in FILES if "ops" in p.relative_to(ROOT).parts],
+                         ids=lambda p: str(p.relative_to(ROOT)))
+def test_ops_do_not_import_parallel(path: Path) -> None:
+    """ops is the lowest tier: parallel builds on it, never the other way round."""
+    bad = [n for n in _imported_modules(path) if n.startswith("megatron_ext.parallel")]
+    assert not bad, f"{path.relative_to(ROOT)} imports {bad}"
+
+
+def test_one_dispatch_module() -> None:
+    """Backend choice lives in ops/backend.py only: no module-level switches elsewhere."""
+    from megatron_ext.ops.backend import ENV_VAR
+
+    offenders = []
+    for path in (ROOT / "megatron_ext").rglob("*.py"):
+        text = path.read_text()
+        if path.name != "backend.py" and ENV_VAR in text:
+            offenders.append(f"{path.relative_to(ROOT)} reads {ENV_VAR}")
+        for switch in ("DEFAULT_BACKEND", "USE_TRITON"):
+            if f"{switch}:" in text or f"{switch} =" in text:
+                offenders.append(f"{path.relative_to(ROOT)} defines {switch}")
+    assert not offenders, offenders
 
 
 @pytest.mark.parametrize("path", FILES, ids=[str(p.relative_to(ROOT)) for p in FILES])
