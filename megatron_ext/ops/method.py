@@ -58,22 +58,32 @@ class BatchMeta:
     cache: dict = field(default_factory=dict)
 
 
-def standard_offset(qm: Meta, km: Meta) -> int | None:
+def standard_offset(qm: Meta, km: Meta, *, from_zero: bool = True) -> int | None:
     """q_offset when queries and keys are the plain packed layout ``attention_func`` takes.
 
-    That is: keys are indices 0..Sk-1 of packed rows whose positions restart at 0 in every
-    document, and query row r is key index ``Sk - Sq + r``. Returns None otherwise (shards,
-    continued documents, padding, any other order).
+    That is: keys are indices 0..Sk-1 of packed rows (documents are runs of equal ids, each
+    given once), positions count up by one inside every document, and query row r is key
+    index ``Sk - Sq + r``. With ``from_zero`` every document must also start at position 0
+    (masks that read absolute positions, such as chunks, need it); without it a document
+    continued from an earlier sample qualifies too, since causal, window and document masks
+    only compare positions inside a document. Returns None otherwise (shards, padding, any
+    other order).
     """
     sq, sk = qm.positions.shape[1], km.positions.shape[1]
     if sq > sk or qm.positions.shape[0] != km.positions.shape[0]:
         return None
     off = sk - sq
-    ids = km.doc_ids
+    ids, kpos = km.doc_ids, km.positions
     if sk > 1 and not bool((ids[:, 1:] >= ids[:, :-1]).all()):
         return None  # an id that comes back later names one document, not two runs
     _, pos = document_runs(ids)
-    if not torch.equal(km.positions, pos) or not torch.equal(qm.positions, pos[:, off:]):
+    if from_zero:
+        if not torch.equal(kpos, pos):
+            return None
+    elif not torch.equal(kpos - kpos.gather(1, (torch.arange(sk) - pos).clamp(min=0)), pos) or \
+            bool((kpos < 0).any()):
+        return None  # each document's positions must count up by one from its first token
+    if not torch.equal(qm.positions, kpos[:, off:]):
         return None
     return off if torch.equal(qm.doc_ids, ids[:, off:]) else None
 
@@ -142,7 +152,7 @@ class AttentionMethod:
         """The whole problem on one process: the plain packed layout takes ``attention_func``
         (whose backend dispatch reaches the fused CPU kernel, flash-attn or Triton), anything
         else the block function. Output in q's dtype, lse fp32."""
-        off = standard_offset(qm, km)
+        off = standard_offset(qm, km, from_zero=self.chunk is not None)
         if off is None:
             return self.block(q, k, v, qm, km, rope_len)
         multi = bool((km.doc_ids != km.doc_ids[:, :1]).any())
