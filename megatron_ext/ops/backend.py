@@ -15,7 +15,8 @@ torch_blockwise    the planner's pieces as plain torch tiles: any device, any dt
                    of every GPU path, and the fp32 / fp64 path on CUDA)
 flash_attn         flash-attn (CUDA, fp16 / bf16, causal / full / window) when it is installed
 triton             our Triton kernels (CUDA fp16 / bf16, head dim in ``HEAD_DIMS``): plain,
-                   window, chunk and document masks, and the fused DCA kernel
+                   window, chunk and document masks, per-row key intervals (rows in
+                   (document, position) order; else torch tiles), and the fused DCA kernel
 =================  ===========================================================================
 
 ``reference`` (the dense fp32 definition) is not a candidate: it is the spec the tests compare
@@ -106,7 +107,7 @@ def _check_mask(mask: str) -> None:
 
 def _triton_takes(device: str, head_dim: int, mask: str, have: Installed) -> bool:
     """Whether our Triton kernels can run this problem (whatever the dtype)."""
-    if not have.triton or head_dim not in TRITON_HEAD_DIMS or mask == "intervals":
+    if not have.triton or head_dim not in TRITON_HEAD_DIMS:
         return False
     return device == "cuda" or (device == "cpu" and have.triton_interpreted)
 

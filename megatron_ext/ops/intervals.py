@@ -21,35 +21,56 @@ Two levels:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from megatron_ext.ops import blockwise
-from megatron_ext.ops.backend import resolve_backend
+from megatron_ext.ops.backend import forced_backend, resolve_backend
 from megatron_ext.ops.cpu_flash import FusedCPUTiles, fused_cpu_available
+from megatron_ext.ops.triton import HEAD_DIMS, triton_attention_supported
+from megatron_ext.ops.triton import intervals as triton_intervals
 
-__all__ = ["interval_attention", "interval_backward", "interval_forward", "plan_intervals"]
+__all__ = [
+    "TilePlan", "interval_attention", "interval_backward", "interval_forward", "plan_intervals",
+]
 
 
-def _fused(x: torch.Tensor) -> bool:
-    """Fused CPU tiles (True) or plain torch tiles (False), as ``backend`` resolves them."""
+def _tiles(x: torch.Tensor) -> str:
+    """Tile kernel for queries like x, as ``backend`` resolves it: "cpu" (fused ATen CPU
+    kernel), "torch" (plain torch tiles, any device) or "triton" (the Triton kernels)."""
     name = resolve_backend(x, "intervals")
     if name in ("cpu_fused", "cpu_blockwise"):
         if x.device.type != "cpu" or not fused_cpu_available():
             raise ValueError(f"backend {name!r} needs CPU tensors and torch's fused CPU kernel")
-        return True
+        return "cpu"
+    if name == "triton":
+        return "triton"
     if name != "torch_blockwise":
         raise ValueError(
             f"backend {name!r} has no kernel for per-row key intervals (CP blocks, DCA passes); "
-            "use 'torch_blockwise' or 'cpu_blockwise'"
+            "use 'triton', 'torch_blockwise' or 'cpu_blockwise'"
         )
-    return False
+    return "torch"
 
 
-def _kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float):
+def _kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, fused: bool):
     """Tile kernel for [B, H, S, D] views: fused ATen on CPU, plain torch elsewhere."""
-    if _fused(q):  # fp32 maths for half inputs: partial results get merged afterwards
+    if fused:  # fp32 maths for half inputs: partial results get merged afterwards
         return FusedCPUTiles(q, k, v, scale, upcast=True)
     return blockwise.TorchTiles(q, k, v, scale)
+
+
+@dataclass(frozen=True)
+class TilePlan:
+    """Query blocks and key pieces for the torch or fused CPU tile kernels."""
+
+    blocks: list[blockwise.Block]
+    fused: bool
+    """Fused ATen CPU tiles (else plain torch tiles)."""
+
+
+Plan = TilePlan | triton_intervals.TritonIntervals
 
 
 def plan_intervals(
@@ -57,24 +78,48 @@ def plan_intervals(
     hi: torch.Tensor,
     *,
     like: torch.Tensor,
+    keys: int,
     causal_offset: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, list[blockwise.Block]]:
-    """Normalise the bounds and plan query blocks and key pieces for them.
+) -> tuple[torch.Tensor, torch.Tensor, Plan]:
+    """Normalise the bounds and plan the pass for the backend ``backend`` picks.
 
     Args:
         lo, hi: int [Bp, Sq] (Bp = 1 or B) key index bounds; lo >= hi means no key.
-        like: a query tensor [B, Sq, H, D] (its device picks the kernel and tile sizes).
+        like: a query tensor [B, Sq, H, D] (its device and dtype pick the kernel).
+        keys: Sk, the number of keys.
         causal_offset: optional hint that ``hi[:, r] == causal_offset + r + 1`` on many rows,
             so the planner can use the causal diagonal tile there. Only a hint: the bounds
             alone decide what is visible.
 
     Returns:
-        (lo, hi, plan) with lo, hi CPU int64 and hi >= lo.
+        (lo, hi, plan) with lo, hi CPU int64 and hi >= lo; plan is a ``TilePlan`` (query blocks
+        and key pieces for the torch / fused CPU tiles) or the Triton kernels' device bounds.
+        Triton needs the bounds non-decreasing over the rows (queries in (document, position)
+        order) and Sq <= Sk; otherwise the torch tiles run, or, when Triton was forced, a
+        ValueError says why.
     """
     lo, hi = lo.to("cpu", torch.int64).contiguous(), hi.to("cpu", torch.int64).contiguous()
     hi = torch.maximum(hi, lo)
-    fused = _fused(like)
-    plan = blockwise.plan_blocks(
+    tiles = _tiles(like)
+    if tiles == "triton":
+        if not triton_attention_supported(like):
+            raise ValueError(
+                f"backend 'triton' cannot take these inputs (D={like.shape[-1]}, dtype="
+                f"{like.dtype}, device={like.device}): head dims {HEAD_DIMS} on CUDA, or CPU "
+                "tensors under the Triton interpreter"
+            )
+        p = triton_intervals.plan(lo, hi, batch=like.shape[0], sk=keys, device=like.device)
+        if p is not None:
+            return lo, hi, p
+        if forced_backend() == "triton":
+            raise ValueError(
+                "backend 'triton' needs per-row key intervals whose bounds do not decrease over "
+                f"the rows (queries in (document, position) order) and Sq <= Sk "
+                f"(Sq={lo.shape[1]}, Sk={keys}); use 'torch_blockwise' for this call"
+            )
+        tiles = "torch"
+    fused = tiles == "cpu"
+    blocks = blockwise.plan_blocks(
         lo,
         hi,
         causal=causal_offset is not None,
@@ -83,7 +128,7 @@ def plan_intervals(
         block_k=512,
         split_full=not fused,
     )
-    return lo, hi, plan
+    return lo, hi, TilePlan(blocks, fused)
 
 
 def interval_forward(
@@ -92,19 +137,21 @@ def interval_forward(
     v: torch.Tensor,
     lo: torch.Tensor,
     hi: torch.Tensor,
-    plan: list[blockwise.Block],
+    plan: Plan,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out [B, Sq, H, D], lse [B, H, Sq]) in fp32 (fp64 for fp64 inputs); no autograd.
 
     q: [B, Sq, H, D]; k, v: [B, Sk, Hkv, D]; lo, hi, plan from ``plan_intervals``.
     """
+    if isinstance(plan, triton_intervals.TritonIntervals):
+        return triton_intervals.interval_forward(q, k, v, plan, scale)
     B, Sq, H, D = q.shape
     cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
     out = torch.zeros(B, Sq, H, D, dtype=cdt, device=q.device)
     lse = torch.full((B, H, Sq), float("-inf"), dtype=cdt, device=q.device)
-    kern = _kernel(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale)
-    blockwise.run_forward(kern, plan, lo, hi, out.transpose(1, 2), lse)
+    kern = _kernel(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale, plan.fused)
+    blockwise.run_forward(kern, plan.blocks, lo, hi, out.transpose(1, 2), lse)
     return out, lse
 
 
@@ -114,7 +161,7 @@ def interval_backward(
     v: torch.Tensor,
     lo: torch.Tensor,
     hi: torch.Tensor,
-    plan: list[blockwise.Block],
+    plan: Plan,
     scale: float,
     dout: torch.Tensor,
     out: torch.Tensor,
@@ -136,11 +183,18 @@ def interval_backward(
     Returns:
         dq [B, Sq, H, D] in dk's dtype.
     """
-    kern = _kernel(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale)
+    if isinstance(plan, triton_intervals.TritonIntervals):
+        dq, gk, gv = triton_intervals.interval_backward(
+            q, k, v, plan, scale, dout, out, lse, dlse
+        )
+        dk += gk.to(dk.dtype)
+        dv += gv.to(dv.dtype)
+        return dq.to(dk.dtype)
+    kern = _kernel(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale, plan.fused)
     kern.set_grads(dout.transpose(1, 2), out.transpose(1, 2), lse, dlse)
     dq = torch.zeros(q.shape, dtype=dk.dtype, device=q.device)
     blockwise.run_backward(
-        kern, plan, lo, hi, dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
+        kern, plan.blocks, lo, hi, dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
     )
     return dq
 
@@ -190,5 +244,5 @@ def interval_attention(
         out [B, Sq, H, D] and lse [B, H, Sq], both fp32 (fp64 for fp64 inputs): partial results
         meant to be merged; differentiable through both. Rows without keys: out 0, lse -inf.
     """
-    lo, hi, plan = plan_intervals(lo, hi, like=q, causal_offset=causal_offset)
+    lo, hi, plan = plan_intervals(lo, hi, like=q, keys=k.shape[1], causal_offset=causal_offset)
     return _IntervalAttnFunc.apply(q, k, v, lo, hi, plan, softmax_scale)

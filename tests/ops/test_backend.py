@@ -40,7 +40,6 @@ def _expected(device: str, dtype: torch.dtype, d: int, mask: str, have: Installe
     triton_ok = (
         have.triton
         and d in (16, 32, 64, 128, 256)
-        and mask != "intervals"
         and (device == "cuda" or (device == "cpu" and have.triton_interpreted))
     )
     if mask == "dca":
@@ -76,7 +75,8 @@ def test_known_cases() -> None:
     assert choose_backend("cuda", BF16, 128, "dca", GPU_ALL) == "triton"
     assert choose_backend("cuda", BF16, 80, "dca", GPU_ALL) == "torch_blockwise"
     assert choose_backend("cuda", F32, 128, "causal", GPU_ALL) == "torch_blockwise"
-    assert choose_backend("cuda", BF16, 128, "intervals", GPU_ALL) == "torch_blockwise"
+    assert choose_backend("cuda", BF16, 128, "intervals", GPU_ALL) == "triton"
+    assert choose_backend("cuda", F32, 128, "intervals", GPU_ALL) == "torch_blockwise"
     assert choose_prologue("cuda", BF16, GPU_ALL) == "triton"
     assert choose_prologue("cuda", F64, GPU_ALL) == "torch"
     assert choose_prologue("cpu", F32, INTERPRETED) == "torch"

@@ -135,12 +135,21 @@ def test_auto_dispatch(monkeypatch):
     assert not triton_dca.use_triton(fake(torch.bfloat16), None)
 
 
-def test_forced_with_doc_ids_raises(monkeypatch):
+def test_forced_with_doc_ids_takes_the_interval_kernel(monkeypatch):
+    """Packed documents: the fused kernel cannot take them, so forced Triton runs the three
+    passes on the Triton interval kernel; the answer is still the dense definition."""
     monkeypatch.setenv(ENV_VAR, "triton")
-    q, k, v = (torch.randn(1, 9, 2, 16) for _ in range(3))
-    ids = torch.tensor([[0] * 4 + [1] * 5])
-    with pytest.raises(ValueError, match="no kernel for per-row key intervals"):
-        dual_chunk_attn_func(q, k, v, chunk_size=6, local_size=2, doc_ids=ids)
+    monkeypatch.setattr(
+        triton_dca, "dual_chunk_attn_triton", lambda *a, **k: pytest.fail("fused path taken")
+    )
+    q, k, v = (torch.randn(1, 29, 2, 16, dtype=F64) for _ in range(3))
+    do, dlse = torch.randn(1, 29, 2, 16, dtype=F64), torch.randn(1, 2, 29, dtype=F64)
+    ids = torch.tensor([[0] * 4 + [1] * 16 + [2] * 9])
+    kw = {"chunk_size": 6, "local_size": 2, "doc_ids": ids}
+    got = _fwd_bwd(dual_chunk_attn_func, q, k, v, do, dlse, **kw)
+    want = _fwd_bwd(dual_chunk_attn_ref, q, k, v, do, dlse, **kw)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=0)
 
 
 @pytest.mark.parametrize(

@@ -306,6 +306,7 @@ def dual_chunk_block(
     for which, (lo, hi) in enumerate(ranges):
         if bool((hi > lo).any()):
             hint = _diagonal_hint(lo, hi) if which == 0 else None  # intra: causal diagonal
-            passes.append((which, *plan_intervals(lo, hi, like=q, causal_offset=hint)))
+            plan = plan_intervals(lo, hi, like=q, keys=Sk, causal_offset=hint)
+            passes.append((which, *plan))
     out, lse = _DualChunkPassesFunc.apply(q, k_rot, v, passes, tables, scale)
     return out.to(q.dtype), lse.to(lse_dtype)

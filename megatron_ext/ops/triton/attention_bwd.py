@@ -245,6 +245,7 @@ def attention_bwd(
     chunk_len: int,
     docs: tuple[torch.Tensor, torch.Tensor] | None,
     config: dict,
+    col_docs: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the backward kernels on contiguous tensors (arguments as ``attention_fwd``).
 
@@ -252,6 +253,8 @@ def attention_bwd(
         out, lse: the forward's outputs; dout: [B, Sq, H, D]; dlse: [B, H, Sq] or None.
         config: BLOCK_M_DQ / BLOCK_N_DQ of the dq kernel, BLOCK_M_KV / BLOCK_N_KV of the
             dk/dv kernel, num_warps, num_stages.
+        col_docs: bounds read by the dk/dv kernel in place of ``docs`` (the query rows that see
+            each key, when they are not the key's document: per-row key intervals).
 
     Returns:
         (dqs, dk, dv): dqs [NV, B, Sq, H, D] (one gradient per query variant) in q's dtype,
@@ -281,8 +284,9 @@ def attention_bwd(
         "num_warps": config["num_warps"], "num_stages": config["num_stages"],
     }  # fmt: skip
     grid_kv = (triton.cdiv(Sk, config["BLOCK_N_KV"]), B * Hkv)
+    cs, ce = col_docs if col_docs is not None else (ds, de)
     _attn_bwd_dkdv_kernel[grid_kv](
-        qs, k, v, dout, lse, delta, dk, dv, ds, de, *scalars, qs[0].numel(),
+        qs, k, v, dout, lse, delta, dk, dv, cs, ce, *scalars, qs[0].numel(),
         BLOCK_M=config["BLOCK_M_KV"], BLOCK_N=config["BLOCK_N_KV"], **meta,
     )  # fmt: skip
     _attn_bwd_dq_kernel[grid](

@@ -144,6 +144,7 @@ def attention_fwd(
     chunk_len: int,
     docs: tuple[torch.Tensor, torch.Tensor] | None,
     config: dict,
+    out_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward kernel on contiguous inputs (validated by ``interface.py``).
 
@@ -158,14 +159,15 @@ def attention_fwd(
         chunk_len: C for mode 1 (ignored otherwise).
         docs: (starts, ends) int32 [B, Sk] document bounds, or None.
         config: BLOCK_M, BLOCK_N, num_warps, num_stages.
+        out_dtype: dtype of out (default q's; fp32 keeps partial results exact for merging).
 
     Returns:
-        out [B, Sq, H, D] in q's dtype; lse [B, H, Sq] fp32 (fp64 for fp64 inputs).
+        out [B, Sq, H, D] in ``out_dtype``; lse [B, H, Sq] fp32 (fp64 for fp64 inputs).
     """
     NV, B, Sq, H, D = qs.shape
     Sk, Hkv = k.shape[1], k.shape[2]
     f64 = qs.dtype == torch.float64
-    out = torch.empty_like(qs[0])
+    out = torch.empty_like(qs[0], dtype=out_dtype or qs.dtype)
     lse = torch.empty(B, H, Sq, dtype=torch.float64 if f64 else torch.float32, device=qs.device)
     if out.numel() == 0:
         lse.fill_(float("-inf"))
