@@ -133,6 +133,12 @@ class DCAConfig:
     """W: local window kept exact in the successive-chunk pass (ChunkLlama: 1/8 of it)."""
     original_max_position_embeddings: int | None = None
     """L_o for the Qwen temperature max(1, 0.1 ln(L/L_o) + 1); None disables it."""
+    scaling_factor: float = 1.0
+    """ChunkLlama position interpolation: every chunk-local position (query copies and the keys'
+    j mod C) is divided by this before the rotation; 1 = off."""
+    extension_factor: float | None = None
+    """ChunkLlama `scale`: cos and sin are multiplied by mscale = 1 + 0.05 ln(factor) when the
+    factor is > 1 (q and k each carry it, so rotated logits x mscale^2); None = off."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.local_size < self.chunk_size:
@@ -141,7 +147,8 @@ class DCAConfig:
                 "expected 0 <= local_size < chunk_size"
             )
         _positive("attention.dca",
-                  original_max_position_embeddings=self.original_max_position_embeddings)
+                  original_max_position_embeddings=self.original_max_position_embeddings,
+                  scaling_factor=self.scaling_factor, extension_factor=self.extension_factor)
 
 
 @dataclass(kw_only=True)
@@ -259,6 +266,13 @@ class AttentionConfig:
                               "(chunk_size, local_size)")
         if self.variant == "hybrid" and self.hybrid is None:
             raise ConfigError("attention.variant='hybrid' needs an attention.hybrid section")
+        knobs = self.dca is not None and (self.dca.scaling_factor != 1.0
+                                          or (self.dca.extension_factor or 0) > 1)
+        if knobs and self.rope_scaling:
+            raise ConfigError(
+                f"attention.dca.scaling_factor={self.dca.scaling_factor} with "
+                f"attention.rope_scaling.type={self.rope_scaling.type!r}: the chunk-local "
+                "position interpolation is itself a linear RoPE scaling; use one of them")
         if self.variant == "coca" and self.rotary_percent != 1.0:
             raise ConfigError(f"attention.variant='coca' rotates the full head dim; "
                               f"rotary_percent={self.rotary_percent} must be 1.0")
@@ -319,16 +333,37 @@ class TrainConfig:
     eval_batches: int = 2
     """Batches per evaluation."""
     save_interval: int = 0
-    """Steps between checkpoints (0: only at the end)."""
+    """Steps between checkpoints (0: only at the end; a checkpoint is always saved at the end)."""
+    keep_checkpoints: int = 2
+    """Newest checkpoints kept in out_dir/checkpoints (0 keeps all)."""
     out_dir: str = "runs/tiny"
     """Checkpoints, resolved config, tensorboard logs and plots."""
+    init_from: str | None = None
+    """Continued pretraining: load only the weights of this checkpoint (a run directory or one
+    of its checkpoints/step_N) before step 0; optimizer, schedule and data start fresh."""
+    loss_chunk_size: int = 4096
+    """Tokens per cross-entropy chunk: logits of at most this many tokens exist at once
+    (0: the model's own loss over full [S, vocab] logits)."""
+    activation_checkpointing: Literal["none", "selective", "full"] = "none"
+    """Recompute in backward: 'full' each transformer layer, 'selective' the core attention."""
+    seq_warmup_start: int | None = None
+    """Sequence-length warm-up: first length (None: off); grows linearly to data.seq_length."""
+    seq_warmup_steps: int = 0
+    """Steps of the sequence-length warm-up."""
+    peak_tflops: float | None = None
+    """Peak TFLOP/s of one device for the MFU estimate (None: a table of known GPUs; unknown
+    devices show no MFU)."""
 
     def __post_init__(self) -> None:
         _positive("train", steps=self.steps, micro_batch_size=self.micro_batch_size,
                   grad_accum_steps=self.grad_accum_steps, lr=self.lr,
-                  log_interval=self.log_interval, eval_batches=self.eval_batches)
+                  log_interval=self.log_interval, eval_batches=self.eval_batches,
+                  seq_warmup_start=self.seq_warmup_start, peak_tflops=self.peak_tflops)
+        if self.seq_warmup_start is not None and not self.seq_warmup_steps:
+            raise ConfigError(f"train.seq_warmup_start={self.seq_warmup_start} needs "
+                              "train.seq_warmup_steps > 0")
         for name in ("warmup_steps", "eval_interval", "save_interval", "weight_decay",
-                     "grad_clip"):
+                     "grad_clip", "keep_checkpoints", "loss_chunk_size", "seq_warmup_steps"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name}={getattr(self, name)!r}; expected >= 0")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
@@ -339,22 +374,61 @@ class TrainConfig:
 
 
 @dataclass(kw_only=True)
+class BlendSource:
+    """One weighted corpus of a blend (`data.blend`)."""
+
+    path: str
+    """Same forms as `data.corpus`: 'embedded', a file, a directory or an indexed-dataset prefix."""
+    weight: float = 1.0
+    """Relative share of training samples (normalised over the blend)."""
+
+    def __post_init__(self) -> None:
+        if not self.weight > 0:
+            raise ConfigError(f"data.blend weight={self.weight!r} for {self.path!r}; "
+                              "expected a positive number")
+
+
+@dataclass(kw_only=True)
 class DataConfig:
-    """Where tokens come from and how they are packed."""
+    """Where tokens come from and how they are packed (docs/data.md)."""
 
     corpus: str = "embedded"
-    """'embedded' (the shipped public-domain corpus) or a path to a .jsonl[.xz] of documents."""
+    """'embedded' (the shipped corpus), a .txt / .jsonl[.gz|.xz] / .parquet file, a directory
+    of them, or a Megatron indexed dataset (PREFIX of PREFIX.bin + PREFIX.idx)."""
+    blend: list[BlendSource] = field(default_factory=list)
+    """Weighted corpora for training; replaces `corpus` (leave that at 'embedded')."""
+    text_field: str = "text"
+    """Field (JSON Lines) or column (Parquet) that holds a document's text."""
     tokenizer: str | None = None
-    """Path to a tokenizer.json; None = the shipped BPE-4096."""
+    """A tokenizer.json or a Hugging Face tokenizer directory; None = the shipped BPE-4096."""
+    eos_token: str | None = None
+    """End-of-document token; None = the tokenizer's own (its config, or its one special
+    token)."""
+    cache_dir: str = "~/.cache/megatron_ext/tokens"
+    """Where tokenised corpora are kept, keyed by corpus and tokenizer."""
     seq_length: int = 128
     """Tokens per packed training sequence."""
     max_documents: int | None = None
-    """Use only the first N training documents (quick runs)."""
+    """Use only the first N training documents of each corpus (quick runs)."""
     eval_split: Literal["dev", "test"] = "dev"
-    """Held-out split used for evaluation during training."""
+    """Held-out split of the embedded corpus used for evaluation during training."""
+    eval_corpus: str | None = None
+    """Held-out corpus (any `corpus` form); None = `eval_split` for the embedded corpus, else
+    `eval_fraction` of each corpus's whole documents."""
+    eval_fraction: float = 0.01
+    """Share of whole documents held out from a non-embedded corpus when `eval_corpus` is None
+    (at least one document)."""
 
     def __post_init__(self) -> None:
         _positive("data", seq_length=self.seq_length, max_documents=self.max_documents)
+        if self.blend and self.corpus != "embedded":
+            raise ConfigError(f"data.corpus={self.corpus!r} and data.blend are both set; "
+                              "a blend replaces the corpus: list it in data.blend instead")
+        if not 0.0 < self.eval_fraction < 1.0:
+            raise ConfigError(f"data.eval_fraction={self.eval_fraction!r}; expected 0 < f < 1")
+        for name in ("corpus", "text_field", "cache_dir"):
+            if not getattr(self, name):
+                raise ConfigError(f"data.{name} is empty")
 
 
 @dataclass(kw_only=True)
@@ -367,10 +441,23 @@ class DeepSpeedConfig:
     """ZeRO stage 0-3."""
     offload_optimizer: Literal["none", "cpu"] = "none"
     """ZeRO optimizer-state offload."""
+    reduce_bucket_size: int = 50_000_000
+    """Elements per gradient reduce / all-gather bucket (ZeRO 1-3)."""
+    overlap_comm: bool = False
+    """Overlap gradient reduction with backward (ZeRO 1-3)."""
+    initial_scale_power: int = 16
+    """fp16 only: the dynamic loss scale starts at 2**initial_scale_power."""
+    loss_scale_window: int = 1000
+    """fp16 only: steps without overflow before the loss scale doubles."""
 
     def __post_init__(self) -> None:
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"deepspeed.zero_stage={self.zero_stage!r}; expected 0, 1, 2 or 3")
+        _positive("deepspeed", reduce_bucket_size=self.reduce_bucket_size,
+                  loss_scale_window=self.loss_scale_window)
+        if self.offload_optimizer != "none" and self.zero_stage == 0:
+            raise ConfigError(f"deepspeed.offload_optimizer={self.offload_optimizer!r} needs "
+                              "deepspeed.zero_stage >= 1")
 
 
 @dataclass(kw_only=True)
@@ -505,7 +592,7 @@ def config_from_args(args: argparse.Namespace, extra: Sequence[str] = ()) -> Run
 
 
 __all__ = [
-    "AttentionConfig", "ConfigError", "DCAConfig", "DataConfig", "DeepSpeedConfig",
+    "AttentionConfig", "BlendSource", "ConfigError", "DCAConfig", "DataConfig", "DeepSpeedConfig",
     "HybridConfig", "InferenceConfig", "LongHeadsConfig", "ModelConfig", "ParallelConfig",
     "RopeScalingConfig", "RunConfig", "TrainConfig", "add_config_args", "config_from_args",
     "config_from_dict", "dump_config", "load_config", "parse_override",

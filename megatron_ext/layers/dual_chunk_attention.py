@@ -21,6 +21,7 @@ class DualChunkCoreAttention(_OpsCoreAttention):
             return self._plain_method()
         cfg = self.config
         return DualChunkAttention(cfg.dca, theta=cfg.rotary_base, scaling=self.rope_scaling,
+                                  rotary_dim=self._rope().rotary_dim,
                                   softmax_scale=self.softmax_scale)
 
 

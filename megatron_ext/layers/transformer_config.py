@@ -135,13 +135,14 @@ class ExtTransformerConfig(TransformerConfig):
             if self.dca is None:
                 raise ValueError("attention_variant='dca' needs dca (chunk_size, local_size)")
             DCAParams(self.dca.chunk_size, self.dca.local_size,
-                      self.dca.original_max_position_embeddings)  # validates
+                      self.dca.original_max_position_embeddings,
+                      getattr(self.dca, "scaling_factor", 1.0),
+                      getattr(self.dca, "extension_factor", None))  # validates
+            if getattr(self.dca, "scaling_factor", 1.0) != 1.0 and self.rope_scaling is not None:
+                raise ValueError("dca.scaling_factor (linear scaling of the chunk-local positions) "
+                                 f"and rope_scaling={self.rope_scaling}: use one of them")
         if v == "coca" and self.rotary_percent != 1.0:
             raise ValueError(f"CoCA rotates the whole head; rotary_percent={self.rotary_percent}")
-        if v == "dca" and self.rotary_percent != 1.0:
-            raise ValueError(f"attention_variant='dca' rotates the whole head at remapped "
-                             f"positions; rotary_percent={self.rotary_percent} is not supported "
-                             "(use 1.0)")
         if v in ("dca", "coca", "nope") and self.qk_l2_norm:
             raise ValueError(f"attention_variant={v!r} with qk_l2_norm=True: the Llama-4 L2 "
                              "QK-norm applies after RoPE and is only implemented for rope / "

@@ -44,7 +44,8 @@ class RopeScaling:
             "yarn"; unused by "linear".
         beta_fast: YaRN high-frequency boundary (rotations per context).
         beta_slow: YaRN low-frequency boundary.
-        attention_factor: YaRN cos/sin multiplier; inferred from factor / mscale when None.
+        attention_factor: cos/sin multiplier: YaRN's (inferred from factor / mscale when None),
+            or with "linear" a fixed one (ChunkLlama's mscale; None = 1).
         mscale: YaRN numerator mscale (used only together with mscale_all_dim).
         mscale_all_dim: YaRN denominator mscale.
         truncate: YaRN: floor/ceil the correction range (HF default True).
@@ -78,16 +79,15 @@ class RopeScaling:
                     f"RopeScaling.original_max_position_embeddings={l0!r}; {self.kind} scaling "
                     "needs a positive int (the pretraining length L0)"
                 )
-        if self.kind == "yarn":
-            if not self.beta_fast > self.beta_slow > 0:
-                raise ValueError(
-                    f"RopeScaling beta_fast={self.beta_fast}, beta_slow={self.beta_slow}; "
-                    "expected beta_fast > beta_slow > 0"
-                )
-            if self.attention_factor is not None and self.attention_factor <= 0:
-                raise ValueError(
-                    f"RopeScaling.attention_factor={self.attention_factor}; expected > 0 or None"
-                )
+        if self.kind == "yarn" and not self.beta_fast > self.beta_slow > 0:
+            raise ValueError(
+                f"RopeScaling beta_fast={self.beta_fast}, beta_slow={self.beta_slow}; "
+                "expected beta_fast > beta_slow > 0"
+            )
+        if self.attention_factor is not None and self.attention_factor <= 0:
+            raise ValueError(
+                f"RopeScaling.attention_factor={self.attention_factor}; expected > 0 or None"
+            )
 
 
 def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
@@ -129,8 +129,8 @@ def rope_inv_freq(
     inv_freq = 1.0 / (theta ** (idx / dim))
     if scaling is None:
         return inv_freq, 1.0
-    if scaling.kind == "linear":
-        return inv_freq / scaling.factor, 1.0
+    if scaling.kind == "linear":  # attention_factor: ChunkLlama's mscale on the tables
+        return inv_freq / scaling.factor, float(scaling.attention_factor or 1.0)
     l0 = scaling.original_max_position_embeddings
     if scaling.kind == "dynamic":
         if seq_len is None:

@@ -11,7 +11,8 @@ CP only reorders the same sums.
 Dynamic NTK (RoPE, CoCA, DCA) checks the one length rule: L is the largest position of the
 *global* batch + 1 (57 here, past L0 = 16, so theta really changes), computed once per batch, so
 a rank whose shard holds only small positions still rotates with the global L; and a fixed
-``seq_len`` (80) is honoured by every rank. The model is called through ``gpt_forward`` exactly
+``seq_len`` (80) is honoured by every rank. ChunkLlama's knobs (position interpolation, mscale)
+with partial rotary run the same way. The model is called through ``gpt_forward`` exactly
 as training does.
 """
 
@@ -45,6 +46,9 @@ CASES = [  # name, overrides, layout, algorithm, fixed seq_len
     ("coca-ntk", ["attention.variant=coca", *NTK], "zigzag", "allgather", None),
     ("dca-ntk", [*DCA, *NTK], "zigzag", "ring", None),
     ("dca-ntk-seq-len", [*DCA, *NTK], "contiguous", "ring", 80),
+    ("dca-chunkllama-partial", [*DCA, "attention.dca.scaling_factor=2.0",
+                                "attention.dca.extension_factor=4.0",
+                                "attention.rotary_percent=0.5"], "zigzag", "allgather", None),
 ]
 NTK_CASES = [c for c in CASES if "ntk" in c[0]]
 

@@ -127,9 +127,11 @@ ERRORS = [
         id="coca-partial",
     ),
     pytest.param(
-        {**DCA, "rotary_percent": 0.5},
-        "attention_variant='dca' rotates the whole head .*rotary_percent=0.5",
-        id="dca-partial",
+        {**DCA, "dca": SimpleNamespace(chunk_size=10, local_size=3, scaling_factor=2.0,
+                                       original_max_position_embeddings=None),
+         "rope_scaling": YARN},
+        "dca.scaling_factor .* and rope_scaling=.*use one of them",
+        id="dca-scaling-and-rope-scaling",
     ),
     pytest.param(
         {**DCA, "qk_l2_norm": True}, "attention_variant='dca' with qk_l2_norm=True", id="dca-l2"

@@ -41,6 +41,7 @@ def dca_rotate_keys(
     theta: float = 10000.0,
     scaling: RopeScaling | None = None,
     seq_len: int | None = None,
+    rotary_dim: int | None = None,
 ) -> torch.Tensor:
     """K' = R_{j mod C} k: the only key rotation DCA needs (and what a KV cache stores).
 
@@ -50,13 +51,14 @@ def dca_rotate_keys(
         chunk_size: M. local_size: W (C = M - W).
         theta: RoPE base.
         scaling, seq_len: RoPE frequency scaling and the dynamic-NTK length L.
+        rotary_dim: rotated dims per head (partial rotary; the rest is position-free).
 
     Returns:
         [B, Sk, Hkv, D] in k's dtype.
     """
     check_chunk_args(chunk_size, local_size)
     pos = k_positions.long() % (chunk_size - local_size)
-    return rotate(k, pos, theta=theta, scaling=scaling, seq_len=seq_len)
+    return rotate(k, pos, theta=theta, scaling=scaling, seq_len=seq_len, rotary_dim=rotary_dim)
 
 
 def dca_rotate_queries(
@@ -68,6 +70,7 @@ def dca_rotate_queries(
     theta: float = 10000.0,
     scaling: RopeScaling | None = None,
     seq_len: int | None = None,
+    rotary_dim: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The three differentiable query copies (intra, successive, inter).
 
@@ -79,7 +82,7 @@ def dca_rotate_queries(
         (R_{i mod C} q, R_{min(C + i mod C, M)} q, R_{P_inter} q), each [B, Sq, H, D].
     """
     pos = dca_query_positions(q_positions, chunk_size=chunk_size, local_size=local_size)
-    rope = {"theta": theta, "scaling": scaling, "seq_len": seq_len}
+    rope = {"theta": theta, "scaling": scaling, "seq_len": seq_len, "rotary_dim": rotary_dim}
     return tuple(rotate(q, p, **rope) for p in pos)  # type: ignore[return-value]
 
 
@@ -224,6 +227,7 @@ def dual_chunk_block(
     temperature: float | torch.Tensor | None = None,
     scaling: RopeScaling | None = None,
     seq_len: int | None = None,
+    rotary_dim: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """DCA contribution of one key block to a set of queries, as a mergeable (out, lse).
 
@@ -248,6 +252,7 @@ def dual_chunk_block(
         temperature: T (float, or a tensor [Sq] / [B, Sq] per query); logits are scaled by T².
         scaling, seq_len: RoPE frequency scaling and the dynamic-NTK length L (must match the
             key rotation's).
+        rotary_dim: rotated dims per head (partial rotary; must match the key rotation's).
 
     Returns:
         out [B, Sq, H, D] in q's dtype, lse [B, H, Sq] (fp32; fp64 for fp64 inputs). Queries
@@ -285,11 +290,12 @@ def dual_chunk_block(
         if bool((t2 == t2.flatten()[0]).all()):  # one value: keep it in the softmax scale
             scale *= float(t2.flatten()[0])
         else:  # per-query temperatures (documents of different lengths): fold into q
-            q = q * t2.expand(B, Sq)[:, :, None, None].to(q.dtype)  # rotations are linear
+            q = q * t2.expand(B, Sq)[:, :, None, None].to(q.device, q.dtype)  # rotations are linear
     elif temperature is not None and not isinstance(temperature, torch.Tensor):
         scale *= float(temperature) ** 2
     pos = dca_query_positions(q_positions, chunk_size=chunk_size, local_size=local_size)
-    tables = [rope_tables(q, p, theta=theta, scaling=scaling, seq_len=seq_len) for p in pos]
+    rope = {"theta": theta, "scaling": scaling, "seq_len": seq_len, "rotary_dim": rotary_dim}
+    tables = [rope_tables(q, p, **rope) for p in pos]
 
     order, ranges = dca_key_ranges(
         q_positions,

@@ -35,6 +35,9 @@ def dual_chunk_attn_func(
     softmax_scale: float | None = None,
     original_max_position_embeddings: int | None = None,
     rope_scaling: RopeScaling | None = None,
+    scaling_factor: float = 1.0,
+    extension_factor: float | None = None,
+    rotary_dim: int | None = None,
     seq_len: int | None = None,
     q_offset: int = 0,
     doc_ids: torch.Tensor | None = None,
@@ -60,6 +63,11 @@ def dual_chunk_attn_func(
         softmax_scale: default 1/sqrt(D).
         original_max_position_embeddings: L_o; when set (> 0), T = max(1, 0.1 ln(L/L_o) + 1).
         rope_scaling: optional RoPE frequency scaling of every rotation.
+        scaling_factor: ChunkLlama position interpolation: chunk-local positions divided by it
+            (exclusive with ``rope_scaling``).
+        extension_factor: ChunkLlama ``scale``: cos and sin x mscale = 1 + 0.05
+            ln(extension_factor) when it is > 1 (rotated dims' logits x mscale^2).
+        rotary_dim: rotated dims per head (partial rotary); default D.
         seq_len: the length L of length rules (temperature and dynamic NTK); default what the
             call shows: each query's document length (max position + 1 up to the last query)
             for the temperature, the largest position + 1 for dynamic NTK. Pass the planned
@@ -74,7 +82,8 @@ def dual_chunk_attn_func(
         inputs, natural log of the sum of exp of the final logits).
     """
     check_qkv(q, k, v)
-    params = DCAParams(chunk_size, local_size, original_max_position_embeddings or None)
+    params = DCAParams(chunk_size, local_size, original_max_position_embeddings or None,
+                       scaling_factor, extension_factor)
     if softmax_scale is not None and not softmax_scale > 0:
         raise ValueError(f"softmax_scale={softmax_scale!r}; expected None or > 0")
     if seq_len is not None and (isinstance(seq_len, bool) or not isinstance(seq_len, int)
@@ -104,7 +113,7 @@ def dual_chunk_attn_func(
                 "key (keys 0..Sk-1 include the queries, as in a KV cache)"
             )
         qm, km = offset_metas(B, Sq, Sk, q_offset=q_offset, doc_ids=doc_ids, seq_len=seq_len)
-    method = DualChunkAttention(params, theta=theta, scaling=rope_scaling,
+    method = DualChunkAttention(params, theta=theta, scaling=rope_scaling, rotary_dim=rotary_dim,
                                 softmax_scale=softmax_scale)
     out = method(q, k, v, q_meta=qm, k_meta=km, rope_len=seq_len, return_lse=return_lse)
     if return_lse:

@@ -8,6 +8,8 @@ independent construction. O(Sq * Sk) memory: tests and tiny inputs only.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from megatron_ext.ops.dual_chunk.positions import (
@@ -52,6 +54,9 @@ def dual_chunk_attn_ref(
     doc_ids: torch.Tensor | None = None,
     seq_len: int | None = None,
     rope_scaling: RopeScaling | None = None,
+    scaling_factor: float = 1.0,
+    extension_factor: float | None = None,
+    rotary_dim: int | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Dual Chunk Attention by its definition (dense, differentiable by autograd).
 
@@ -76,6 +81,10 @@ def dual_chunk_attn_ref(
             q_offset + Sq without doc_ids), and the dynamic-NTK length (default: the largest
             position + 1).
         rope_scaling: optional RoPE frequency scaling of every rotation.
+        scaling_factor: chunk-local positions are divided by it before rotating (ChunkLlama).
+        extension_factor: cos and sin x mscale = 1 + 0.05 ln(f) when f > 1 (ChunkLlama), so the
+            rotated dims' logits carry mscale^2.
+        rotary_dim: rotated dims per head; the rest is position-free.
 
     Returns:
         out [B, Sq, H, D] in q's dtype, and with return_lse the lse [B, H, Sq] (fp32; fp64 for
@@ -104,7 +113,13 @@ def dual_chunk_attn_ref(
 
     qf, kf, vf = q.to(dt), k.to(dt), v.to(dt)
     L = seq_len if seq_len is not None else int(max(q_pos.max(), k_pos.max())) + 1
-    rope = {"theta": theta, "scaling": rope_scaling, "seq_len": L}
+    mscale = 1 + 0.05 * math.log(extension_factor) if (extension_factor or 0) > 1 else 1.0
+    if scaling_factor != 1.0 or mscale != 1.0:
+        if rope_scaling is not None:
+            raise ValueError("scaling_factor / extension_factor and rope_scaling are exclusive")
+        rope_scaling = RopeScaling("linear", scaling_factor,
+                                   attention_factor=mscale if mscale != 1 else None)
+    rope = {"theta": theta, "scaling": rope_scaling, "seq_len": L, "rotary_dim": rotary_dim}
     k_rot = apply_rope(kf, pos_k, **rope).repeat_interleave(H // Hkv, dim=2)
     vf = vf.repeat_interleave(H // Hkv, dim=2)
     z = torch.zeros(B, H, Sq, Sk, dtype=dt, device=q.device)

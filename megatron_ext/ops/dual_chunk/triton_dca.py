@@ -58,6 +58,7 @@ def dual_chunk_attn_triton(
     keys_rotated: bool = False,
     scaling: RopeScaling | None = None,
     seq_len: int | None = None,
+    rotary_dim: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """DCA of un-rotated q via the fused kernel (arguments checked by the caller).
 
@@ -68,7 +69,8 @@ def dual_chunk_attn_triton(
         q_positions: int [Sq]; k_positions: int [Sk] (the plain layout, no documents).
         temperature: None or fp64 [Sq] holding one value (T); logits are scaled by T².
         chunk_size, local_size: M and W (C = M - W).
-        theta, scaling, seq_len: RoPE base, frequency scaling and dynamic-NTK length.
+        theta, scaling, seq_len, rotary_dim: RoPE base, frequency scaling, dynamic-NTK length
+            and rotated dims per head.
         softmax_scale: default 1/sqrt(D). q_offset: position of row 0.
 
     Returns:
@@ -86,7 +88,7 @@ def dual_chunk_attn_triton(
             raise ValueError("temperature varies across queries; the fused path takes one T")
         scale *= float(t0) ** 2
     rope = {"chunk_size": chunk_size, "local_size": local_size, "theta": theta,
-            "scaling": scaling, "seq_len": seq_len}
+            "scaling": scaling, "seq_len": seq_len, "rotary_dim": rotary_dim}
     k_rot = k if keys_rotated else dca_rotate_keys(k, k_positions, **rope)
     q_intra, q_succ, q_inter = dca_rotate_queries(q, q_positions, **rope)
     return triton_dca_attention(
