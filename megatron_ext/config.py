@@ -273,9 +273,10 @@ class AttentionConfig:
                 f"attention.dca.scaling_factor={self.dca.scaling_factor} with "
                 f"attention.rope_scaling.type={self.rope_scaling.type!r}: the chunk-local "
                 "position interpolation is itself a linear RoPE scaling; use one of them")
-        if self.variant == "coca" and self.rotary_percent != 1.0:
-            raise ConfigError(f"attention.variant='coca' rotates the full head dim; "
-                              f"rotary_percent={self.rotary_percent} must be 1.0")
+        if self.variant == "coca" and self.rotary_percent != 1.0 and self.coca_form == "strict":
+            raise ConfigError(f"attention.variant='coca' with coca_form='strict' rotates the full "
+                              f"head dim; rotary_percent={self.rotary_percent} must be 1.0 "
+                              "(partial rotary follows the GPT-NeoX release: coca_form='slack')")
 
 
 @dataclass(kw_only=True)
@@ -472,13 +473,21 @@ class InferenceConfig:
     """Sampling temperature; 0 = greedy."""
     top_k: int = 0
     """Top-k sampling (0 = off)."""
+    top_p: float = 1.0
+    """Nucleus sampling: keep the most likely tokens up to this probability (1 = off)."""
+    max_seq_len: int = 262144
+    """Longest prompt + new tokens accepted; longer requests are refused with an error."""
+    seed: int = 0
+    """Seed of the sampling generator."""
 
     def __post_init__(self) -> None:
         _positive("inference", max_new_tokens=self.max_new_tokens,
-                  prefill_chunk_size=self.prefill_chunk_size)
+                  prefill_chunk_size=self.prefill_chunk_size, max_seq_len=self.max_seq_len)
         if self.temperature < 0 or self.top_k < 0:
             raise ConfigError(f"inference: temperature={self.temperature!r}, top_k={self.top_k!r};"
                               " expected both >= 0")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"inference.top_p={self.top_p!r}; expected (0, 1] (1 = off)")
 
 
 @dataclass(kw_only=True)

@@ -1,0 +1,165 @@
+"""Chunked prefill and decode for a batch of prompts of different lengths.
+
+A ``Session`` holds one cache per layer for B rows and feeds tokens at explicit positions.
+``generate`` runs the whole loop:
+
+1. prompts are right-padded into [B, S]; prefill feeds columns ``[s, s + chunk)`` with the
+   positions of real tokens and -1 on padding (a padding slot is never stored nor seen), so
+   every row is exactly what it would be alone;
+2. each row's first new token comes from the logits at its own last prompt position (only those
+   rows' hidden states reach the output layer: no [B, S, vocab] tensor);
+3. decode feeds one token per row at that row's next position until ``max_new_tokens`` or a
+   stop token (rows that stopped keep stepping so the batch stays rectangular; their extra
+   tokens are dropped).
+
+Length rules (dynamic NTK, DCA temperature) use the planned total length ``prompt +
+max_new_tokens``: per row for the DCA temperature, the longest row's for dynamic NTK (one
+frequency table per batch), so decode equals a full forward at that length.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from megatron_ext.inference.forward import CachedModel
+from megatron_ext.inference.sampling import SamplingParams, sample
+
+__all__ = ["GenerationStats", "Session", "generate_tokens"]
+
+
+class Session:
+    """Caches of B rows being extended, and the step that feeds them.
+
+    Args:
+        cm: the model's cached walker.
+        lengths: int [B], each row's planned total length (the cache capacity per row is the
+            longest).
+        rope_len: dynamic-NTK length of the batch (default the longest row).
+    """
+
+    def __init__(self, cm: CachedModel, lengths: Sequence[int],
+                 rope_len: int | None = None) -> None:
+        self.cm = cm
+        self.lengths = torch.tensor(list(lengths), dtype=torch.int64)
+        self.capacity = int(self.lengths.max())
+        self.rope_len = rope_len or self.capacity
+        self.caches = cm.new_caches(len(self.lengths), self.capacity)
+
+    def feed(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Final hidden states [n, B, hidden] of tokens [B, n] at positions [B, n] (-1 = pad)."""
+        with torch.no_grad():
+            return self.cm.step(self.caches, tokens.to(self.cm.device), positions,
+                                self.lengths, self.rope_len)
+
+    def logits(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Logits [B, n, vocab] of tokens fed at positions (every row)."""
+        with torch.no_grad():
+            return self.cm.logits_of(self.feed(tokens, positions))
+
+    def cache_bytes(self) -> int:
+        return sum(c.nbytes() for c in self.caches)
+
+
+@dataclass
+class GenerationStats:
+    """What one ``generate_tokens`` call measured."""
+
+    prompt_tokens: int = 0
+    prefill_s: float = 0.0
+    new_tokens: int = 0
+    decode_s: float = 0.0
+    cache_bytes: int = 0
+    steps: list[float] = field(default_factory=list)
+
+    @property
+    def prefill_tok_s(self) -> float:
+        return self.prompt_tokens / self.prefill_s if self.prefill_s else 0.0
+
+    @property
+    def decode_tok_s(self) -> float:
+        return self.new_tokens / self.decode_s if self.decode_s else 0.0
+
+
+def generate_tokens(
+    cm: CachedModel,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    sampling: SamplingParams,
+    prefill_chunk_size: int,
+    stop_tokens: Sequence[int] = (),
+    generator: torch.Generator | None = None,
+    on_prefill: Callable[[int], None] | None = None,
+    stats: GenerationStats | None = None,
+) -> list[list[int]]:
+    """Generate up to ``max_new_tokens`` after each prompt (ids); returns the new ids per row.
+
+    A row stops after its first stop token (which is not returned).
+
+    Args:
+        cm: the model's cached walker.
+        prompts: B token-id lists, each non-empty.
+        max_new_tokens: >= 1.
+        sampling: greedy / temperature / top-k / top-p.
+        prefill_chunk_size: prompt columns per prefill step.
+        stop_tokens: ids that end a row.
+        generator: random source for sampling.
+        on_prefill: called with the number of prompt tokens each prefill step consumed.
+        stats: filled with timings when given.
+    """
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("prompts: expected at least one prompt and no empty prompt")
+    B = len(prompts)
+    lens = torch.tensor([len(p) for p in prompts])
+    S = int(lens.max())
+    tokens = torch.zeros(B, S, dtype=torch.int64)
+    for b, p in enumerate(prompts):
+        tokens[b, : len(p)] = torch.as_tensor(list(p), dtype=torch.int64)
+    session = Session(cm, (lens + max_new_tokens).tolist())
+    stats = stats if stats is not None else GenerationStats()
+    stats.prompt_tokens = int(lens.sum())
+    col = torch.arange(S).expand(B, S)
+    positions = torch.where(col < lens[:, None], col, -1)
+
+    t0 = time.perf_counter()
+    last = torch.zeros(B, cm.model.config.hidden_size, dtype=cm.dtype, device=cm.device)
+    for s in range(0, S, prefill_chunk_size):
+        e = min(S, s + prefill_chunk_size)
+        h = session.feed(tokens[:, s:e], positions[:, s:e])  # [n, B, hidden]
+        rows = ((lens - 1 >= s) & (lens - 1 < e)).nonzero().flatten()
+        if rows.numel():
+            idx = (lens[rows] - 1 - s).to(h.device)
+            last[rows.to(h.device)] = h[idx, rows.to(h.device)]
+        if on_prefill is not None:
+            on_prefill(int(((positions[:, s:e]) >= 0).sum()))
+    with torch.no_grad():
+        logits = cm.logits_of(last[None])[:, 0]  # [B, vocab]
+    stats.prefill_s = time.perf_counter() - t0
+
+    stop = set(int(t) for t in stop_tokens)
+    out: list[list[int]] = [[] for _ in range(B)]
+    done = [False] * B
+    t0 = time.perf_counter()
+    for step in range(max_new_tokens):
+        nxt = sample(logits, sampling, generator).cpu()
+        for b in range(B):
+            if not done[b]:
+                tok = int(nxt[b])
+                if tok in stop:
+                    done[b] = True
+                else:
+                    out[b].append(tok)
+        stats.new_tokens += sum(not d for d in done)
+        if all(done) or step == max_new_tokens - 1:
+            break
+        h = session.feed(nxt[:, None], (lens + step)[:, None])
+        with torch.no_grad():
+            logits = cm.logits_of(h)[:, 0]
+    stats.decode_s = time.perf_counter() - t0
+    stats.new_tokens = sum(len(o) for o in out)
+    stats.cache_bytes = session.cache_bytes()
+    return out

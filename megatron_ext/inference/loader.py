@@ -1,0 +1,180 @@
+"""``load_model``: a checkpoint (or a run directory) -> ``InferenceModel``, with overrides.
+
+Accepted paths:
+
+- a checkpoint directory written by ``megatron_ext.checkpoint.save_megatron_checkpoint`` (its
+  ``megatron_ext.json`` marker), with the run's ``config.yaml`` beside the weights or in the
+  directory above;
+- a run directory with a ``latest`` pointer (a file holding the step directory's name, or a
+  symbolic link to it);
+- a Hugging Face directory (``config.json`` without our marker): handed to the loader
+  registered with ``register_hf_loader`` (the conversion package registers one); without one
+  the error says so.
+
+Overrides are ``--set``-style keys (``{"attention.variant": "dca", "attention.dca":
+{"chunk_size": 768, "local_size": 128}}``) applied to the stored run config before the model is
+built, which is how a training-free method is switched on for a model trained without it: DCA,
+LongHeads, YaRN / dynamic-NTK RoPE scaling, or the Llama-4 NoPE temperature of a hybrid. The
+weights do not change; a LongHeads run builds the plain RoPE model and swaps attention at
+inference. Any override that changes a weight's shape is refused by the checkpoint loader,
+naming the tensors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from megatron_ext.checkpoint import (
+    CONFIG_FILE,
+    MARKER,
+    CheckpointError,
+    load_megatron_checkpoint,
+    read_checkpoint_info,
+)
+from megatron_ext.config import RunConfig, load_config
+from megatron_ext.inference.model import InferenceModel
+
+__all__ = ["from_model", "load_model", "register_hf_loader", "resolve_checkpoint"]
+
+_DTYPES = ("fp32", "bf16", "fp16")
+_hf_loader: Callable[..., InferenceModel] | None = None
+
+
+def register_hf_loader(fn: Callable[..., InferenceModel] | None) -> None:
+    """Install the function that loads a Hugging Face directory.
+
+    It is called as ``fn(path, overrides=[...], device=..., dtype=...)`` and returns an
+    ``InferenceModel`` (e.g. by converting the weights and calling ``from_model``).
+    """
+    global _hf_loader
+    _hf_loader = fn
+
+
+def _latest(run_dir: Path) -> Path:
+    ptr = run_dir / "latest"
+    target = ptr.resolve() if ptr.is_symlink() else run_dir / ptr.read_text().strip()
+    if not target.is_dir():
+        raise CheckpointError(f"{ptr} points at {target}, which does not exist")
+    return target
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> tuple[Path, Path]:
+    """(checkpoint directory, its run config file) for a checkpoint or run directory.
+
+    Raises:
+        CheckpointError: missing path, incomplete checkpoint, or no config.yaml found.
+    """
+    p = Path(path).absolute()
+    if not p.exists():
+        raise CheckpointError(f"checkpoint {p} does not exist; expected a checkpoint directory "
+                              f"(with {MARKER}) or a run directory with a 'latest' pointer")
+    ckpt = _latest(p) if (p / "latest").exists() and not (p / MARKER).exists() else p
+    read_checkpoint_info(ckpt)  # marker present and every file it lists intact
+    for cand in (ckpt / CONFIG_FILE, ckpt.parent / CONFIG_FILE):
+        if cand.is_file():
+            return ckpt, cand
+    raise CheckpointError(f"checkpoint {ckpt} has no {CONFIG_FILE} beside it nor in "
+                          f"{ckpt.parent}; cannot tell how the model was built")
+
+
+def _override_strings(overrides: Mapping[str, Any] | Iterable[str] | None) -> list[str]:
+    if overrides is None:
+        return []
+    if isinstance(overrides, Mapping):
+        out = []
+        for key, value in overrides.items():
+            text = yaml.safe_dump(value, default_flow_style=True, width=10**9).strip()
+            out.append(f"{key}={text.removesuffix('...').strip()}")
+        return out
+    if isinstance(overrides, str):
+        raise ValueError(f"overrides={overrides!r}; expected a mapping or a list of "
+                         "'section.key=value' strings")
+    return list(overrides)
+
+
+def _ensure_megatron() -> None:
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from megatron_ext.dist import init_distributed
+
+    if not dist.is_initialized():
+        init_distributed(backend="gloo")
+    if not ps.model_parallel_is_initialized():
+        ps.initialize_model_parallel(tensor_model_parallel_size=1)
+
+
+def build_attention(cfg: RunConfig):
+    """The attention section the GPTModel is built with (LongHeads runs on a RoPE model)."""
+    att = cfg.attention
+    return dataclasses.replace(att, variant="rope") if att.variant == "longheads" else att
+
+
+def from_model(model: torch.nn.Module, cfg: RunConfig, tokenizer=None) -> InferenceModel:
+    """Wrap an in-memory GPTModel (built from ``cfg``) for inference."""
+    return InferenceModel(model, cfg, tokenizer)
+
+
+def load_model(
+    path: str | os.PathLike,
+    overrides: Mapping[str, Any] | Iterable[str] | None = None,
+    *,
+    device: str | torch.device | None = None,
+    dtype: str = "fp32",
+    tokenizer: Any = None,
+) -> InferenceModel:
+    """Load a checkpoint for inference.
+
+    Args:
+        path: a checkpoint directory, a run directory with ``latest``, or (with a registered
+            loader) a Hugging Face directory.
+        overrides: ``{"section.key": value}`` or ``["section.key=value", ...]`` applied to the
+            stored run config.
+        device: "cpu", "cuda", ...; default CUDA when available.
+        dtype: "fp32", "bf16" or "fp16" (weights are loaded in fp32, then cast).
+        tokenizer: a ``tokenizers.Tokenizer``; default the run's ``data.tokenizer``.
+
+    Raises:
+        CheckpointError: missing or incomplete checkpoint, or weights that do not fit.
+        ConfigError: an unknown key, value or method in the overrides.
+    """
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype={dtype!r}; expected one of {_DTYPES}")
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    sets = _override_strings(overrides)
+    p = Path(path)
+    if p.is_dir() and (p / "config.json").is_file() and not (p / MARKER).exists():
+        if _hf_loader is None:
+            raise CheckpointError(
+                f"{p} is a Hugging Face directory (config.json, no {MARKER}); loading it "
+                "needs the HF converter (megatron_ext.convert), which has not registered a "
+                "loader (megatron_ext.inference.register_hf_loader)")
+        return _hf_loader(p, overrides=sets, device=device, dtype=dtype)
+    ckpt, config_file = resolve_checkpoint(p)
+    cfg = load_config(config_file, sets)
+    marker = read_checkpoint_info(ckpt)
+    vocab = marker["model"].get("vocab_size") or cfg.model.vocab_size
+    if not vocab:
+        raise CheckpointError(f"{ckpt}: the marker records no vocab_size")
+    _ensure_megatron()
+    from megatron_ext.specs import build_gpt_model
+
+    model = build_gpt_model(cfg.model, build_attention(cfg), vocab_size=int(vocab),
+                            perform_initialization=False)
+    load_megatron_checkpoint(model, ckpt)
+    model = model.to(device=device, dtype={"fp32": torch.float32, "bf16": torch.bfloat16,
+                                           "fp16": torch.float16}[dtype])
+    if tokenizer is None:
+        from megatron_ext.data.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(cfg.data.tokenizer)
+    return InferenceModel(model, cfg, tokenizer)

@@ -1,0 +1,19 @@
+"""Fixtures of the inference tests: one single-rank Megatron parallel state per module."""
+
+from __future__ import annotations
+
+import pytest
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+
+from megatron_ext.dist import init_distributed
+
+
+@pytest.fixture(scope="module")
+def megatron_single_process():
+    """One-rank gloo group and Megatron parallel state (TP = PP = CP = 1) for this module."""
+    init_distributed(backend="gloo")
+    ps.initialize_model_parallel(1)
+    yield
+    ps.destroy_model_parallel()
+    dist.destroy_process_group()
