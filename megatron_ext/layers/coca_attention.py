@@ -30,7 +30,8 @@ class CoCACoreAttention(_OpsCoreAttention):
                              f"{self.layer.kind}")
         cfg = self.config
         return CoCAAttention(form=cfg.coca_form, theta=cfg.rotary_base, scaling=self.rope_scaling,
-                             causal=True, softmax_scale=self.softmax_scale)
+                             rotary_dim=self._rope().rotary_dim, causal=True,
+                             softmax_scale=self.softmax_scale)
 
 
 __all__ = ["CoCACoreAttention", "CoCASelfAttention"]

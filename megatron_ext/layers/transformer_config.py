@@ -141,8 +141,9 @@ class ExtTransformerConfig(TransformerConfig):
             if getattr(self.dca, "scaling_factor", 1.0) != 1.0 and self.rope_scaling is not None:
                 raise ValueError("dca.scaling_factor (linear scaling of the chunk-local positions) "
                                  f"and rope_scaling={self.rope_scaling}: use one of them")
-        if v == "coca" and self.rotary_percent != 1.0:
-            raise ValueError(f"CoCA rotates the whole head; rotary_percent={self.rotary_percent}")
+        if v == "coca" and self.rotary_percent != 1.0 and self.coca_form == "strict":
+            raise ValueError(f"strict CoCA rotates the whole head; rotary_percent="
+                             f"{self.rotary_percent} (partial rotary: coca_form='slack')")
         if v in ("dca", "coca", "nope") and self.qk_l2_norm:
             raise ValueError(f"attention_variant={v!r} with qk_l2_norm=True: the Llama-4 L2 "
                              "QK-norm applies after RoPE and is only implemented for rope / "

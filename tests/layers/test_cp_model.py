@@ -49,6 +49,8 @@ CASES = [  # name, overrides, layout, algorithm, fixed seq_len
     ("dca-chunkllama-partial", [*DCA, "attention.dca.scaling_factor=2.0",
                                 "attention.dca.extension_factor=4.0",
                                 "attention.rotary_percent=0.5"], "zigzag", "allgather", None),
+    ("coca-neox-partial", ["attention.variant=coca", "attention.rotary_percent=0.5"], "zigzag",
+     "ring", None),
 ]
 NTK_CASES = [c for c in CASES if "ntk" in c[0]]
 

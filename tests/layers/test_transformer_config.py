@@ -122,8 +122,8 @@ ERRORS = [
         id="dca-local",
     ),
     pytest.param(
-        {"attention_variant": "coca", "rotary_percent": 0.5},
-        "CoCA rotates the whole head; rotary_percent=0.5",
+        {"attention_variant": "coca", "coca_form": "strict", "rotary_percent": 0.5},
+        "strict CoCA rotates the whole head; rotary_percent=0.5",
         id="coca-partial",
     ),
     pytest.param(

@@ -405,7 +405,10 @@ def test_bf16_prologue_grads_come_back_in_input_dtype():
     "shapes, kw, match",
     [
         pytest.param(((1, 4, 2, 7), (1, 4, 2, 7), (1, 4, 2, 7)), {}, "even D", id="odd-D"),
-        pytest.param(((1, 4, 2, 8),) * 3, {"rotary_dim": 4}, "rotary_dim=4", id="partial-rotary"),
+        pytest.param(((1, 4, 2, 8),) * 3, {"rotary_dim": 4, "form": "strict"}, "rotary_dim=4 < D",
+                     id="strict-partial-rotary"),
+        pytest.param(((1, 4, 2, 8),) * 3, {"rotary_dim": 10}, "rotary_dim=10",
+                     id="rotary-dim-gt-D"),
         pytest.param(((1, 4, 2, 8),) * 3, {"form": "loose"}, "form='loose'", id="bad-form"),
         pytest.param(((1, 4, 3, 8), (1, 4, 2, 8), (1, 4, 2, 8)), {}, "H=3, Hkv=2", id="H%Hkv"),
         pytest.param(((1, 4, 2, 8), (1, 5, 2, 8), (1, 4, 2, 8)), {}, "t.shape", id="t-vs-v"),

@@ -25,7 +25,8 @@ class CoCAAttention(AttentionMethod):
         form: "slack" (the released code) or "strict" (paper Eq. 9).
         theta: RoPE base.
         scaling: optional RoPE scaling (dynamic NTK uses the batch's length rule).
-        rotary_dim: None or the head dim (CoCA rotates the whole head).
+        rotary_dim: None or the head dim, or fewer dims for GPT-NeoX-style partial rotary
+            (slack form only).
         causal: causal mask.
         softmax_scale: default 1/sqrt(D).
     """

@@ -42,14 +42,30 @@ def _check_form(form: str) -> bool:
     return form == "strict"
 
 
-def _check_head_dim(D: int, rotary_dim: int | None) -> None:
+def _check_head_dim(D: int, rotary_dim: int | None, strict: bool = False) -> bool:
+    """Validate D and rotary_dim; return True for partial rotary (rotary_dim < D)."""
     if D < 2 or D % 2:
         raise ValueError(f"head dim D={D}; CoCA needs an even D (RoPE planes (i, i + D/2))")
-    if rotary_dim is not None and rotary_dim != D:
+    if rotary_dim is None or rotary_dim == D:
+        return False
+    if isinstance(rotary_dim, bool) or not isinstance(rotary_dim, int) or rotary_dim < 2 \
+            or rotary_dim % 2 or rotary_dim > D:
+        raise ValueError(f"rotary_dim={rotary_dim!r}; expected an even int in [2, D={D}]")
+    if strict:
         raise ValueError(
-            f"rotary_dim={rotary_dim}; CoCA rotates the full head, so rotary_dim must be None "
-            f"or D={D}"
+            f"rotary_dim={rotary_dim} < D={D} with form='strict': partial rotary follows the "
+            "GPT-NeoX release, which computes the slack form; use form='slack'"
         )
+    return True
+
+
+def _partial_rope(x: torch.Tensor, positions, theta, scaling, rotary_dim, seq_len):
+    """RoPE of the first rotary_dim dims (the rest pass through), in the compute dtype."""
+    from megatron_ext.ops.rope import apply_rope
+
+    xc = x.to(_compute_dtype(x))
+    return apply_rope(xc, positions.to(x.device), theta=theta, rotary_dim=rotary_dim,
+                      scaling=scaling, seq_len=seq_len)
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -285,14 +301,17 @@ def coca_query_prologue(
         form: "slack" (released code, default) or "strict" (paper Eq. 9).
         theta: RoPE base.
         scaling: optional RopeScaling (YaRN's attention factor is applied once here).
-        rotary_dim: must be None or D (CoCA rotates the whole head).
+        rotary_dim: None or D (the whole head), or fewer dims (GPT-NeoX ``rotary_pct`` < 1,
+            slack form only): Q'_d = q_d (R q)_d on the first rotary_dim dims, q_d^2 on the rest.
         seq_len: dynamic-NTK length L, default max(positions) + 1; pass the same L as for keys.
 
     Returns:
         [B, S, H, D] tensor in q's dtype.
     """
     strict = _check_form(form)
-    _check_head_dim(q.shape[-1], rotary_dim)
+    if _check_head_dim(q.shape[-1], rotary_dim, strict):  # GPT-NeoX partial rotary, autograd
+        q_rot = _partial_rope(q, positions, theta, scaling, rotary_dim, seq_len)
+        return (q.to(q_rot.dtype) * q_rot).to(q.dtype)
     cos, sin = _tables(q, positions, theta, scaling, seq_len)
     return _CoCAPrologueFunc.apply(q, cos, sin, False, strict)
 
@@ -318,13 +337,17 @@ def coca_key_prologue(
         form: "slack" (default) or "strict".
         theta: RoPE base.
         scaling: optional RopeScaling.
-        rotary_dim: must be None or D.
+        rotary_dim: None or D, or fewer dims (slack only): tau from the whole head, duplicated,
+            then RoPE on the first rotary_dim dims (the rest pass through).
         seq_len: dynamic-NTK length L, default max(positions) + 1; pass the same L as for queries.
 
     Returns:
         [B, S, Hkv, D] tensor in t's dtype.
     """
     strict = _check_form(form)
-    _check_head_dim(t.shape[-1], rotary_dim)
+    if _check_head_dim(t.shape[-1], rotary_dim, strict):  # GPT-NeoX partial rotary, autograd
+        tau = coca_tau(t.to(_compute_dtype(t)))
+        t_dup = torch.cat((tau, tau), dim=-1)  # tau from the whole head, then partial rotary
+        return _partial_rope(t_dup, positions, theta, scaling, rotary_dim, seq_len).to(t.dtype)
     cos, sin = _tables(t, positions, theta, scaling, seq_len)
     return _CoCAPrologueFunc.apply(t, cos, sin, True, strict)

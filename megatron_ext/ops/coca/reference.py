@@ -52,7 +52,7 @@ def _check_args(q, t, v, *, form, causal, softmax_scale, q_offset, doc_ids, rota
     """Validate the common CoCA arguments; return the softmax scale (default 1/sqrt(D))."""
     _check_inputs(q, t, v)
     _check_form(form)
-    _check_head_dim(q.shape[-1], rotary_dim)
+    _check_head_dim(q.shape[-1], rotary_dim, form == "strict")
     return check_attn_args(
         q, t, v, causal=causal, window=None, chunk=None, softmax_scale=softmax_scale,
         q_offset=q_offset, doc_ids=doc_ids,
@@ -93,7 +93,8 @@ def coca_attn_ref(
         doc_ids: optional int tensor [B, Sk]; keys and queries only see their own document and
             RoPE positions restart at 0 in each document.
         rope_scaling: optional RopeScaling (dynamic NTK uses L = largest position + 1).
-        rotary_dim: must be None or D.
+        rotary_dim: None or D; fewer dims (slack only) rotate only the first rotary_dim dims
+            of q and of the duplicated tau (the GPT-NeoX release).
 
     Returns:
         out [B, Sq, H, D] in q's dtype; with return_lse also lse [B, H, Sq] fp32 (fp64 for fp64
@@ -111,10 +112,11 @@ def coca_attn_ref(
 
     pos_q, pos_k = coca_positions(Sq, Sk, q_offset=q_offset, doc_ids=doc_ids, device=q.device)
     seq_len = coca_rope_seq_len(pos_q, pos_k, rope_scaling)
-    rope = {"theta": theta, "scaling": rope_scaling, "seq_len": seq_len}
+    rope = {"theta": theta, "scaling": rope_scaling, "seq_len": seq_len, "rotary_dim": rotary_dim}
     n_rep = H // Hkv
     tau = coca_tau(tc).repeat_interleave(n_rep, dim=2)  # [B, Sk, H, D/2]
     if strict:
+        rope.pop("rotary_dim")  # strict is full-head only (checked above)
         cq, sq = rope_cos_sin(pos_q, D, dtype=cdt, **rope)
         ck, sk = rope_cos_sin(pos_k, D, dtype=cdt, **rope)
         cq, sq, ck, sk = (x[..., : D // 2].expand(B, -1, -1) for x in (cq, sq, ck, sk))
