@@ -117,8 +117,8 @@ def test_tokenize_split_pieces_round_trip() -> None:
     assert tok.decode(doc.ids.tolist()) == text
 
 
-def test_build_datasets_on_embedded_corpus() -> None:
-    cfg = DataConfig(seq_length=64, max_documents=2)
+def test_build_datasets_on_embedded_corpus(tmp_path) -> None:
+    cfg = DataConfig(seq_length=64, max_documents=2, cache_dir=str(tmp_path))
     ds = build_datasets(cfg, seed=0, progress=False)
     assert ds.vocab_size == 4096
     assert ds.train.seq_length == 64 and len(ds.train) > 10 and len(ds.eval) > 10
