@@ -82,8 +82,13 @@ _COMM_TYPE = {"ring": "p2p", "allgather": "all_gather", "a2a": "a2a"}
 def ext_transformer_config(
     model_cfg: ModelConfig, attn_cfg: AttentionConfig, *, tp: int = 1, dtype: str = "fp32",
     perform_initialization: bool = True, cp: int = 1, cp_algorithm: str = "ring",
+    use_cpu_initialization: bool = True,
 ) -> ExtTransformerConfig:
-    """The Megatron config (an `ExtTransformerConfig`) for the model and attention sections."""
+    """The Megatron config (an `ExtTransformerConfig`) for the model and attention sections.
+
+    `use_cpu_initialization=False` (CUDA only) initialises weights on the GPU with Megatron's
+    CUDA RNG tracker, which `model_parallel_cuda_manual_seed` must have seeded.
+    """
     if attn_cfg.variant == "longheads":
         raise NotImplementedError(
             "attention.variant='longheads' is inference-only and has no Megatron training layer; "
@@ -106,7 +111,7 @@ def ext_transformer_config(
         tensor_model_parallel_size=tp,
         context_parallel_size=cp,
         cp_comm_type=_COMM_TYPE[cp_algorithm],
-        use_cpu_initialization=True,
+        use_cpu_initialization=use_cpu_initialization,
         perform_initialization=perform_initialization,
         params_dtype=_DTYPES[dtype],
         bf16=dtype == "bf16",
@@ -158,6 +163,7 @@ def build_gpt_model(
     perform_initialization: bool = True,
     cp: int = 1,
     cp_algorithm: str = "ring",
+    use_cpu_initialization: bool = True,
 ) -> GPTModel:
     """A GPTModel for the given sections. Megatron's parallel state must be initialised.
 
@@ -167,7 +173,8 @@ def build_gpt_model(
     """
     config = ext_transformer_config(model_cfg, attn_cfg, tp=tp, dtype=dtype,
                                     perform_initialization=perform_initialization, cp=cp,
-                                    cp_algorithm=cp_algorithm)
+                                    cp_algorithm=cp_algorithm,
+                                    use_cpu_initialization=use_cpu_initialization)
     vocab = model_cfg.vocab_size or vocab_size
     if vocab % tp:
         raise ValueError(f"vocab size {vocab} is not divisible by tensor_parallel_size={tp}")
