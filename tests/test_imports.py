@@ -1,4 +1,4 @@
-"""Import tiers (../shared/STYLE.md §2): ``ops`` and ``parallel`` never need Megatron or DeepSpeed.
+"""Import tiers (docs/ops.md): ``ops`` and ``parallel`` never need Megatron or DeepSpeed.
 
 Two checks: (1) in a fresh interpreter where ``import megatron`` / ``import deepspeed`` fail,
 ``megatron_ext.ops`` and ``megatron_ext.parallel`` still import (a subprocess, so the poisoned

@@ -1,6 +1,6 @@
 """`ExtTransformerConfig`: Megatron-core's `TransformerConfig` plus the long-context fields.
 
-Upstream fields keep their upstream meaning (../shared/METHODS.md section 3):
+Upstream fields keep their upstream meaning (docs/methods/hybrid.md, "Megatron-core fields"):
 - `no_rope_freq`: int N (every N-th layer is NoPE) or list per layer, **1 = NoPE** (skip RoPE);
 - `window_size`: (left, right) with -1 = infinite; HF `sliding_window = W` is (W - 1, 0);
 - `window_attn_skip_freq`: int N (1-based layers with layer_number % N == 0 are full) or list

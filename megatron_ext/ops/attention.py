@@ -1,7 +1,7 @@
 """``attention_func``: memory-efficient exact attention returning (out, lse), exact backward.
 
 Same signature and semantics as ``attention_ref`` (masks, q_offset, doc_ids, GQA; see
-../shared/METHODS.md §0), but O(S) memory: a custom autograd Function runs the blockwise
+docs/methods/conventions.md), but O(S) memory: a custom autograd Function runs the blockwise
 online-softmax engine of ``blockwise.py`` forward and recomputes tiles in backward. The backward
 is exact also for gradients flowing into ``lse`` (``D_i = rowsum(dO * O) - dlse_i``), so partial
 results can be merged by autograd (``merge_attn_outputs``).

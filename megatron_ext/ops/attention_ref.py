@@ -1,6 +1,6 @@
 """Dense softmax attention reference returning (out, lse): the spec every fast path must meet.
 
-Masks follow ../shared/METHODS.md §0. Query row r sits at absolute position ``i = q_offset + r``
+Masks follow docs/methods/conventions.md. Query row r sits at absolute position ``i = q_offset + r``
 and sees key ``j`` (``0 <= j < Sk``) when all active rules hold:
 
 - causal: ``j <= i``;

@@ -3,7 +3,7 @@
 The block function of context parallelism for plain, sliding-window, chunked-local and CoCA
 attention: queries and keys each carry their per-document position and document id, so a query
 shard can be attended against a key shard of any other region (another rank's zigzag slices, a
-halo, a whole all-gathered sequence in rank order). Masks follow ../shared/METHODS.md §0 on
+halo, a whole all-gathered sequence in rank order). Masks follow docs/methods/conventions.md on
 *positions*, not on indices: key j is visible to query i when both are in the same document and
 
 - causal: ``pos_j <= pos_i``; sliding window W: ``pos_i - W < pos_j <= pos_i``;

@@ -12,8 +12,9 @@ and gives each block a few key *pieces*:
 Key ranges no row can see are never visited, so a sliding window costs O(S * W) and chunked
 attention O(S * c). Pieces are computed by a *tile kernel* (pure torch here, the fused ATen CPU
 kernel in ``cpu_flash.py``) returning (out, lse), merged per block in fp32 by the exact rule of
-../shared/METHODS.md §0. The backward recomputes each piece with the block's merged (out, lse)
-("ring style", METHODS.md §0 form 2), so probabilities are already global and
+docs/methods/conventions.md, "Merging partial results". The backward recomputes each piece with
+the block's merged (out, lse) ("ring style", form 2 of "Backward of the merge" there), so
+probabilities are already global and
 ``D_i = rowsum(dO * O) - dlse_i``.
 
 Internal layout is [B, H, S, D] (transposed views of the public [B, S, H, D] tensors).

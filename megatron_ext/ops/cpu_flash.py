@@ -13,7 +13,7 @@ Two fix-ups make it exact for our conventions:
   a gradient we append one extra head-dim column: q and k get 0 (logits unchanged, the scale is
   passed explicitly), v gets 0, dO gets 1 and O gets -dlse. Then the kernel's
   ``dP = dO V^T`` is unchanged and its ``D`` becomes ``rowsum(dO * O) - dlse``, which is exactly
-  METHODS.md §0; the extra output columns are dropped.
+  the D of docs/methods/conventions.md, "Attention backward"; the extra output columns are dropped.
 """
 
 from __future__ import annotations

@@ -13,8 +13,9 @@ Two levels:
 
 - ``interval_forward`` / ``interval_backward``: no autograd. The backward takes (out, lse) as
   arguments, so they may be the *merged* result of several passes or blocks ("ring style",
-  ../shared/METHODS.md §0 form 2): then ``P = exp(z - lse)`` is already the global probability
-  and ``D_i = rowsum(dO * O) - dlse_i``, and the gradients of all parts are exact.
+  form 2 of docs/methods/conventions.md, "Backward of the merge"): then ``P = exp(z - lse)`` is
+  already the global probability and ``D_i = rowsum(dO * O) - dlse_i``, and the gradients of all
+  parts are exact.
 - ``interval_attention``: one pass as a differentiable (out, lse), exact also for a gradient
   flowing into lse (form 1, for merging by autograd).
 """

@@ -1,4 +1,6 @@
-"""Exact merge of partial attention results over disjoint key sets (../shared/METHODS.md §0).
+"""Exact merge of partial attention results over disjoint key sets.
+
+Maths: docs/methods/conventions.md, "Merging partial results".
 
 Given parts ``(out_k, lse_k)`` computed over disjoint key sets K_1..K_n for the same queries::
 
@@ -7,11 +9,11 @@ Given parts ``(out_k, lse_k)`` computed over disjoint key sets K_1..K_n for the 
 equals one softmax over the union. This is the only merge point of the package (DCA passes,
 ring / all-gather context parallelism, LongHeads decode).
 
-Gradients flow through ``w_k`` by plain autograd, which is the exact backward (METHODS.md §0,
-form 1: ``dout_k = w_k dout``, ``dlse_k = w_k (<dout, out_k - out> + dlse)``). The weights are
-never detached: treating them as constants silently biases the gradient (the released
-ChunkLlama bug). Only the max used for numerical stabilisation is detached, which is exact
-because the result does not depend on it.
+Gradients flow through ``w_k`` by plain autograd, which is the exact backward (form 1 of
+"Backward of the merge" in docs/methods/conventions.md: ``dout_k = w_k dout``,
+``dlse_k = w_k (<dout, out_k - out> + dlse)``). The weights are never detached: treating them as
+constants silently biases the gradient (the released ChunkLlama bug). Only the max used for
+numerical stabilisation is detached, which is exact because the result does not depend on it.
 
 Precision: weights and the sum are fp32 (fp64 if any input is fp64) whatever the input dtype;
 the merged out and lse are returned in that dtype. Parts with lse = -inf (no visible key) get

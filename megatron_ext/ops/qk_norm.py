@@ -1,4 +1,4 @@
-"""Per-head query/key normalisations of ../shared/METHODS.md §1 item 7.
+"""Per-head query/key normalisations (docs/methods/rope.md, "QK normalisation").
 
 - ``l2_norm_post_rope``: Llama-4 ``Llama4TextL2Norm``, ``x / sqrt(mean(x^2) + eps)`` over the head
   dim, no weight, applied *after* RoPE on RoPE layers only (eps = the model's ``rms_norm_eps``).

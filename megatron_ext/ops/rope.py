@@ -1,6 +1,6 @@
 """Rotary position embedding (RoPE), rotate-half form, with linear / dynamic-NTK / YaRN scaling.
 
-Follows ../shared/METHODS.md §0 ("RoPE") and §1 (variants). The rotation pairs dim ``i`` with
+Maths: docs/methods/rope.md (rotation and variants). The rotation pairs dim ``i`` with
 dim ``i + r/2`` (HF Llama ``rotate_half``); dims ``>= rotary_dim`` pass through unchanged.
 Scaling variants only change the inverse frequencies (and, for YaRN, multiply cos and sin by an
 attention factor ``a``, so q·k logits scale by ``a**2``).
@@ -35,7 +35,7 @@ _KINDS = ("linear", "dynamic", "yarn")
 
 @dataclass
 class RopeScaling:
-    """RoPE scaling recipe (METHODS.md §1 items 2-4).
+    """RoPE scaling recipe (docs/methods/rope.md, "Scaling variants").
 
     Attributes:
         kind: "linear" (position interpolation), "dynamic" (dynamic NTK) or "yarn".
@@ -191,7 +191,7 @@ def rope_cos_sin(
         dtype: output dtype. Angles are computed in fp64 if dtype is fp64, else fp32.
         seq_len: dynamic NTK only: the length L that sets theta'. Default: max(positions) + 1 of
             this call (HF behaviour). Pass the planned total length when decoding with a cache
-            so that decode matches a full forward (METHODS.md §1 item 3).
+            so that decode matches a full forward (docs/methods/rope.md, "Dynamic NTK").
 
     Returns:
         (cos, sin), each [*positions.shape, r] in ``dtype``.
@@ -327,7 +327,7 @@ def llama4_attn_temperature(
     """Llama-4 NoPE-layer query temperature ``1 + attn_scale * ln(1 + floor((p+1)/floor_scale))``.
 
     Multiply each query (not keys) by it; the usual 1/sqrt(D) softmax scale still applies
-    (METHODS.md §1 item 6). Factor = 1 for p <= floor_scale - 2.
+    (docs/methods/rope.md, "Llama-4 NoPE temperature"). Factor = 1 for p <= floor_scale - 2.
 
     Args:
         positions: int tensor of absolute per-document positions, any shape.

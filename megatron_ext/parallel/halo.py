@@ -2,7 +2,7 @@
 
 A query at per-document position i of a window-W layer needs the keys (i - W, i] of its
 document; under a chunked-local layer, the keys of its chunk up to i. A shard therefore needs
-from other ranks only the keys just before each of its slices (../shared/METHODS.md §6):
+from other ranks only the keys just before each of its slices (docs/context_parallel.md, "halo"):
 contiguous, the last W - 1 keys of rank r - 1 (more ranks when a slice is shorter than W - 1);
 zigzag, the tail of slice r - 1 (rank r - 1) and of slice 2P - 2 - r (rank r + 1). The volume
 is at most (W - 1) keys per slice start, independent of the sequence length.

@@ -3,11 +3,12 @@
 K and V travel around the ring (``RingComm``: batched isend/irecv, the next transfer posted
 before the current block is computed, so they overlap). At step t rank r holds the shard of rank
 (r - t) mod P and attends its queries to it with the block function; the partial (out, lse)
-are merged in fp32 by ``merge_attn_outputs`` (../shared/METHODS.md §0). A step whose block
+are merged in fp32 by ``merge_attn_outputs`` (docs/methods/conventions.md). A step whose block
 shows no visible key (e.g. a later shard under a causal mask) is skipped in both directions.
 
-Backward (form 1 of METHODS.md §0, with recomputation): K and V go around the ring again; each
-step recomputes its block's (out_t, lse_t) with autograd and back-propagates
+Backward (form 1 of "Backward of the merge" in docs/methods/conventions.md, with
+recomputation): K and V go around the ring again; each step recomputes its block's
+(out_t, lse_t) with autograd and back-propagates
 
     dout_t = w_t * dout,   dlse_t = w_t * (<dout, out_t - out> + dlse),   w_t = exp(lse_t - lse)
 

@@ -1,6 +1,6 @@
 """Sequence layouts for context parallelism: which tokens each rank holds, and the way back.
 
-Follows ../shared/METHODS.md §6 "Layouts". A row is split *per document* (a row without
+Follows docs/context_parallel.md, "Layouts". A row is split *per document* (a row without
 ``doc_ids`` is one document). A document of length n is padded to a multiple of the number of
 slices and cut into equal slices of ``c = ceil(n / slices)`` tokens:
 

@@ -18,7 +18,7 @@ Positions are the absolute per-document positions of the batch (a document conti
 earlier sample starts at e.g. 37). The ops' own references (``coca_attn_ref``,
 ``dual_chunk_attn_ref``) derive positions from ``doc_ids`` and so always start documents at 0;
 the explicit-position versions here are checked against them where both apply
-(test_layers.py::test_explicit_position_refs_match_ops_refs). Maths: ../shared/METHODS.md.
+(test_layers.py::test_explicit_position_refs_match_ops_refs). Maths: docs/methods/README.md.
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ def qkv_row_index(num_heads: int, num_groups: int, head_dim: int) -> tuple[torch
 
 
 def chunk_doc_ids(positions: torch.Tensor, doc_ids: torch.Tensor, chunk: int) -> torch.Tensor:
-    """Document ids whose runs are the Llama-4 attention chunks (METHODS §0 chunked-local).
+    """Document ids whose runs are the Llama-4 attention chunks (docs/methods/hybrid.md).
 
     Chunked-local attention is causal attention inside one (document, position // chunk) pair,
     with the absolute per-document positions, so each distinct pair becomes its own document.
@@ -144,7 +144,7 @@ def coca_attention_at(
     theta: float,
     scaling: RopeScaling | None = None,
 ) -> torch.Tensor:
-    """Dense CoCA (METHODS §2) at explicit positions, causal within documents.
+    """Dense CoCA (ops/coca/README.md) at explicit positions, causal within documents.
 
     Slack: ``s(m, n) = sum_d q_m[d] (R_n t_dup_n)[d] (R_m q_m)[d] / sqrt(D)`` (three-operand
     contraction); strict: ``sum_i tau_{n,i} |q_{m,i}|^2 cos((m - n) w_i) / sqrt(D)``, with
@@ -203,7 +203,7 @@ def dca_attention_at(
     original_max_position_embeddings: int | None = None,
     scaling: RopeScaling | None = None,
 ) -> torch.Tensor:
-    """Dense Dual Chunk Attention (METHODS §5) at explicit positions, causal within documents.
+    """Dense DCA (ops/dual_chunk/README.md) at explicit positions, causal within documents.
 
     ``z_ij = T_i^2 <R_{pos_q(i, j)} q_i, R_{j mod C} k_j> / sqrt(D)`` with the intra / successive
     / inter rule for pos_q, and ``T_i = max(1, 0.1 ln(L_i / L_o) + 1)`` where L_i is the length of

@@ -11,7 +11,7 @@ position-dependent variants.
 
 Tolerances: the two models run the same fp32 maths in a different order (blockwise online
 softmax, fused QKV, merged DCA passes against dense N x N references), so logits (magnitudes
-15-25) agree to 1e-5..4e-5: we assert 1e-4 (../shared/METHODS.md section 7, whole-model fp32).
+15-25) agree to 1e-5..4e-5: we assert 1e-4 (docs/methods/checks.md, whole-model fp32).
 Gradients of a random projection of all logits reach ~500; per parameter they agree to <= 4e-6
 of that parameter's largest gradient entry, and we assert max |diff| <= 1e-4 * max |grad|. The
 explicit-position attention references are checked against the ops' own references in fp64 to

@@ -1,9 +1,10 @@
 """`ExtTransformerConfig`: error paths, upstream / Hugging Face field polarity, hybrid presets.
 
 - Every `ValueError` raised by megatron_ext/layers/transformer_config.py, with its message.
-- Upstream meaning kept (../shared/METHODS.md section 3): an int `no_rope_freq` N makes every
-  N-th layer NoPE, an int `window_attn_skip_freq` N makes every N-th layer full and the others
-  sliding, exactly as Megatron-core's own `is_layer_window_attention` decides.
+- Upstream meaning kept (docs/methods/hybrid.md, "Megatron-core fields"): an int
+  `no_rope_freq` N makes every N-th layer NoPE, an int `window_attn_skip_freq` N makes every N-th
+  layer full and the others sliding, exactly as Megatron-core's own `is_layer_window_attention`
+  decides.
 - Polarity against the real Hugging Face config classes (transformers, no weights): Cohere2
   `layer_types` (RoPE only on sliding layers), Llama-4 and SmolLM3 `no_rope_layers` (1 = RoPE)
   versus Megatron `no_rope_freq` (1 = NoPE), read off `layer_attention(i).rope` of configs built

@@ -1,11 +1,11 @@
 """Attention ops: attention_ref against independent oracles, attention_func against attention_ref.
 
 1. ``attention_ref`` (fp64) against a per-row loop written from the mask definitions of
-   ../shared/METHODS.md §0, and against torch SDPA with an explicit boolean mask: 1e-12, since
+   docs/methods/conventions.md, and against torch SDPA with an explicit boolean mask: 1e-12, since
    all three are the same fp64 sums in different orders.
 2. ``attention_func`` on every backend path (fused CPU kernel on the whole problem, blockwise
    planner on the fused kernel, blockwise planner in plain torch) against ``attention_ref``, in
-   out, lse, dq, dk, dv with a random dout AND a random dlse. fp64 to 1e-10 (METHODS.md §7;
+   out, lse, dq, dk, dv with a random dout AND a random dlse. fp64 to 1e-10 (docs/methods/checks.md;
    observed ~1e-14), fp32 to 1e-5 against the fp64 reference, bf16 by the low-precision-baseline
    rule (error <= 2x that of the same maths in bf16, + 1e-3).
 3. H1 identities, the O(S*W) block plan, argument validation, and the flash-attn plumbing
@@ -43,7 +43,7 @@ def _inputs(B, Sq, Sk, H, Hkv, D, dtype=F64):
 
 
 def _loop_oracle(q, k, v, *, causal, window, chunk, q_offset, doc_ids):
-    """Per (b, h, row) softmax over the keys the METHODS.md §0 rules allow; fp64."""
+    """Per (b, h, row) softmax over the keys the rules of docs/methods/conventions.md allow."""
     B, Sq, H, D = q.shape
     Sk, Hkv = k.shape[1], k.shape[2]
     out = torch.zeros(B, Sq, H, D, dtype=F64)

@@ -4,7 +4,7 @@ Compared: a global packed problem is cut the way context parallelism cuts it (a 
 of query rows; the keys split into shuffled parts, each with padding tokens mixed in),
 ``block_attention`` runs on every (queries, key part) pair, the parts are merged with
 ``merge_attn_outputs``, and out, lse and dq/dk/dv (random dout and dlse) are compared with the
-dense ``attention_ref`` on the whole problem. fp64, so the METHODS.md bar of 1e-10 applies (the
+dense ``attention_ref`` on the whole problem. fp64, so the bar of 1e-10 applies (the
 two differ only in summation order). Also: padding queries give out 0 / lse -inf with finite
 gradients, partials are fp32 for bf16 inputs, and bad arguments raise ValueError.
 """

@@ -1,6 +1,6 @@
 """CoCA op: fast path (prologue + attention_func) vs dense reference vs test-local oracles.
 
-What is compared with what (../shared/METHODS.md §2, checks C1-C4 of §7):
+What is compared with what (ops/coca/README.md; checks C1-C4 of docs/methods/checks.md):
 - the dense reference ``coca_attn_ref`` against oracles written here from the formulas (an
   independent fp64 rotate-half and a direct ``cos((m - n) w)`` for Eq. 9);
 - C1/C2: ``coca_attn_func`` (slack and strict) against ``coca_attn_ref`` in out, lse and the
@@ -13,7 +13,7 @@ What is compared with what (../shared/METHODS.md §2, checks C1-C4 of §7):
 - the fused Triton prologue kernels (run by the Triton interpreter on CPU) against the torch
   prologue, forward and backward, and inside ``coca_attn_func``.
 
-Tolerances: fp64 1e-10 and fp32 1e-5 (METHODS §7). Every path is a handful of exact
+Tolerances: fp64 1e-10 and fp32 1e-5 (docs/methods/checks.md). Every path is a handful of exact
 reassociations of the same sums, so fp64 agreement is ~1e-15; 1e-10 leaves room for the
 reductions' order. fp32 inputs of unit scale give logits O(10) and errors ~1e-6. bf16 follows
 the §7 rule: the fast path's error against fp64 at most twice that of the reference run on bf16
@@ -55,7 +55,7 @@ def _rotate(x: torch.Tensor, pos: torch.Tensor, theta: float = 10000.0) -> torch
 
 
 def _oracle_logits(q, t, pos_q, pos_k, form, theta=10000.0):
-    """Dense CoCA logits [B, H, Sq, Sk] straight from METHODS §2 (fp64, default RoPE)."""
+    """Dense CoCA logits [B, H, Sq, Sk] straight from ops/coca/README.md (fp64, default RoPE)."""
     D, n_rep = q.shape[-1], q.shape[2] // t.shape[2]
     tau = torch.relu((t[..., : D // 2] + t[..., D // 2 :]) / 2).repeat_interleave(n_rep, dim=2)
     if form == "slack":

@@ -3,16 +3,16 @@
 Compared: ``dual_chunk_attn_func`` and ``dual_chunk_block`` (three passes, exact merge) with
 ``dual_chunk_attn_ref`` (one softmax over a logit matrix built from the position rule), in out,
 lse and the gradients of q, k, v under a random dout *and* a random dlse; the reference with
-plain causal RoPE attention where METHODS.md §5 says DCA reduces to it; chunked prefill and
-decode rows with full-prefill rows; packed documents with separate runs; temperature with a
-rescaled softmax; the block function on key blocks (split, unordered, padded, in the future)
-merged against the full result. Checks D1-D6 of ../shared/METHODS.md §7, on both tile kernels
+plain causal RoPE attention where ops/dual_chunk/README.md says DCA reduces to it; chunked
+prefill and decode rows with full-prefill rows; packed documents with separate runs; temperature
+with a rescaled softmax; the block function on key blocks (split, unordered, padded, in the future)
+merged against the full result. Checks D1-D6 of docs/methods/checks.md, on both tile kernels
 (fused CPU and plain torch).
 
 Tolerances: fp64 1e-10 — both sides are the same maths in a different order, so only rounding
 (~1e-15 observed) separates them; fp32 1e-5 — the op spec, with logits O(1) and tiny shapes;
-bf16 — METHODS' rule (at most twice the error of the reference fed the same bf16 inputs, plus
-1e-3; gradients 1e-2 relative). Negative tests (the METHODS counter-example, the released
+bf16 — the checks.md rule (at most twice the error of the reference fed the same bf16 inputs, plus
+1e-3; gradients 1e-2 relative). Negative tests (the README counter-example, the released
 detached merge) must differ by far more than any rounding (> 1e-3 / > 1e-2).
 """
 
@@ -137,7 +137,7 @@ def test_identity_plain_causal(S, M, W, H, Hkv, q_offset):
 
 
 def test_chunk_size_ge_n_is_not_enough():
-    """METHODS §5 counter-example: N = 23, M = 30, W = 20 (C = 10) is not plain attention."""
+    """README counter-example: N = 23, M = 30, W = 20 (C = 10) is not plain attention."""
     q, k, v = _qkv(1, 23, 23, 2, 2, 16, F64)
     want, _ = _plain_rope_attn(q, k, v)
     for fn in (dual_chunk_attn_ref, dual_chunk_attn_func):
@@ -173,7 +173,7 @@ def test_fwd_bwd_matches_ref(B, Sq, Sk, H, Hkv, D, M, W, q_offset, dtype):
 
 def test_bf16_within_twice_low_precision_error():
     """bf16 fast path vs fp64 reference: at most 2x the error of the reference fed bf16 inputs
-    (+1e-3), gradients within 1e-2 relative (METHODS §7 bf16 rule)."""
+    (+1e-3), gradients within 1e-2 relative (docs/methods/checks.md bf16 rule)."""
     q, k, v = _qkv(2, 45, 45, 4, 2, 64, F64)
     do, dlse = torch.randn(2, 45, 4, 64, dtype=F64), torch.randn(2, 4, 45, dtype=F64)
     kw = dict(chunk_size=14, local_size=4)

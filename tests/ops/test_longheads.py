@@ -1,4 +1,4 @@
-"""LongHeads prefill (../shared/METHODS.md §4, checks L1-L3).
+"""LongHeads prefill (ops/longheads/README.md; checks L1-L3 of docs/methods/checks.md).
 
 Compared:
 - L1: ``longheads_attn_func`` with S <= K*w against plain causal RoPE attention
@@ -11,7 +11,7 @@ Compared:
   prefill row p.
 - Summaries: fast against the per-chunk reference, and blind to later chunks.
 
-Tolerances: fp64 1e-10 and fp32 1e-5 (METHODS §7). Both sides rotate with fp64 angles in fp64,
+Tolerances: fp64 1e-10 and fp32 1e-5 (checks.md). Both sides rotate with fp64 angles in fp64,
 so fp64 errors are rounding only (~1e-15); in fp32 the slot angles of the two forms round
 differently (positions < 100, so < 1e-5 rad), well inside 1e-5 on outputs of size ~1. bf16
 inputs use the §7 rule: error vs fp64 at most twice that of the reference run on bf16 + 1e-3.

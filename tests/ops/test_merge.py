@@ -1,8 +1,8 @@
-"""Exact merge of partial attention results (check A2 of ../shared/METHODS.md §7).
+"""Exact merge of partial attention results (check A2 of docs/methods/checks.md).
 
 Compared: ``merge_attn_outputs`` over parts computed on disjoint key sets (random partitions,
 one part empty) against one softmax over the union, in out, lse and dq/dk/dv obtained by
-autograd with a random dout and a random dlse. fp64, so 1e-10 is the METHODS.md bar (observed
+autograd with a random dout and a random dlse. fp64, so 1e-10 is the bar (observed
 ~1e-15). A merge with detached weights, written here, must FAIL the gradient comparison by more
 than 1e-2 (it drops the D-term correction); bf16 parts must be accumulated in fp32 (bit-equal to
 merging the upcast parts); rows where every part is empty must give out 0, lse -inf and finite

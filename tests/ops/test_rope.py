@@ -1,11 +1,11 @@
-"""RoPE checks R1-R4 of ../shared/METHODS.md §7, plus partial rotary, inverse, adjoint, QK norms.
+"""RoPE checks R1-R4 of docs/methods/checks.md, plus partial rotary, inverse, adjoint, QK norms.
 
 Compared: ``apply_rope`` against itself under a position shift (R1, fp64 so 1e-10 is reachable);
 against transformers' Llama ``apply_rotary_pos_emb`` with HF's own cos/sin, and scaled inverse
 frequencies against HF's ``ROPE_INIT_FUNCTIONS`` (R2; fp32 with small positions, so the fp32
 angle error p * 6e-8 stays below 1e-6); scaling variants that must reduce to default RoPE
 (R3, exact or 1e-12 in fp64); Llama-4 temperature at the published points (R4, 1e-7: the
-values are quoted to 7 decimals). The QK norms (METHODS.md §1 item 7) are compared with their
+values are quoted to 7 decimals). The QK norms (docs/methods/rope.md) are compared with their
 formulas written out in fp64 (1e-12).
 """
 

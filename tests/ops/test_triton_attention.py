@@ -6,15 +6,15 @@ ragged edges, and the masked / unmasked tile split. On a CUDA machine the same c
 GPU (compiled kernels, GPU tile sizes). Every case draws a random dout AND a random dlse and
 compares out, lse, dq, dk, dv with ``attention_ref`` in fp64 on the same inputs:
 
-- fp64 inputs: 1e-10 (METHODS.md §7; the kernel accumulates in fp64, observed ~1e-15);
-- fp32 inputs: 1e-5 (METHODS.md §7 for ops): the kernel's fp32 sums over <= 64 keys of O(1)
+- fp64 inputs: 1e-10 (docs/methods/checks.md; the kernel accumulates in fp64, observed ~1e-15);
+- fp32 inputs: 1e-5 (checks.md, single ops): the kernel's fp32 sums over <= 64 keys of O(1)
   terms drift by ~1e-6 from the fp64 sums (observed <= 1.2e-6 on these shapes).
 
 NaN-poisoned ``torch.empty`` is active (conftest), so any output element a kernel forgets to
 write fails the comparison.
 
 GPU (``@pytest.mark.gpu``, skipped on CPU): bf16 at head dims 64 and 128, S up to 4096, by the
-METHODS.md §7 bf16 rule: max error against the fp64 reference <= 2x that of the same maths done
+checks.md bf16 rule: max error against the fp64 reference <= 2x that of the same maths done
 in bf16 (bf16 matmuls and softmax) + 1e-3 for out and lse; gradients within 1e-2 relative
 (norm) error. The same check also runs at a tiny shape everywhere, so CPU CI exercises it.
 """
@@ -198,7 +198,7 @@ def _attn_bf16_maths(q, k, v, **kw):
 
 
 def check_bf16(B, S, H, Hkv, D, device, **kw):
-    """METHODS.md §7 bf16 rule for triton_attention (see the module docstring)."""
+    """docs/methods/checks.md bf16 rule for triton_attention (see the module docstring)."""
     mk = lambda *s: torch.randn(*s, dtype=F64, device=device).bfloat16()  # noqa: E731
     q, k, v, do = mk(B, S, H, D), mk(B, S, Hkv, D), mk(B, S, Hkv, D), mk(B, S, H, D)
     dlse = torch.randn(B, H, S, device=device)

@@ -8,10 +8,10 @@ random dlse. CPU runs the kernels under the Triton interpreter with 16 x 16 tile
 lengths 1, 5, 9, 20 make tiles straddle chunk boundaries and mix two or three query variants;
 on a CUDA machine the same cases run on the GPU (compiled kernels, GPU tile sizes).
 
-Tolerances: fp64 1e-10 (METHODS.md §7, D2/D4; the kernel accumulates in fp64, observed ~1e-15);
-fp32 1e-5 (METHODS.md §7 for ops: fp32 sums over <= 50 keys drift ~1e-6 from fp64).
+Tolerances: fp64 1e-10 (checks.md, D2/D4; the kernel accumulates in fp64, observed ~1e-15);
+fp32 1e-5 (checks.md, single ops: fp32 sums over <= 50 keys drift ~1e-6 from fp64).
 
-GPU (``@pytest.mark.gpu``): bf16 at head dims 64 and 128, S up to 4096, by the METHODS.md §7
+GPU (``@pytest.mark.gpu``): bf16 at head dims 64 and 128, S up to 4096, by the checks.md
 bf16 rule against ``_dca_dense`` in fp64 (a three-matmul form of the definition, itself checked
 against ``dual_chunk_attn_ref`` here in fp64; the pair-by-pair reference needs one matmul per
 distinct query position, too slow at these S): out and lse within 2x the error of the same
@@ -199,7 +199,7 @@ def test_dense_oracle_matches_ref():
 
 
 def check_bf16(B, S, H, Hkv, D, M, W, device):
-    """METHODS.md §7 bf16 rule for the fused DCA path (see the module docstring)."""
+    """docs/methods/checks.md bf16 rule for the fused DCA path (see the module docstring)."""
     mk = lambda *s: torch.randn(*s, dtype=F64, device=device).bfloat16()  # noqa: E731
     q, k, v, do = mk(B, S, H, D), mk(B, S, Hkv, D), mk(B, S, Hkv, D), mk(B, S, H, D)
     dlse = torch.randn(B, H, S, device=device)

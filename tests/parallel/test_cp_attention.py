@@ -1,4 +1,4 @@
-"""Context-parallel attention equals the single-process op (check P1 of ../shared/METHODS.md §7).
+"""Context-parallel attention equals the single-process op (check P1 of docs/methods/checks.md).
 
 Compared, at CP = 2 and 4 on CPU gloo: for every variant (plain causal and full, window,
 chunked, DCA, CoCA) x every plan that can honour it (ring, allgather, a2a, halo, local) x
@@ -7,12 +7,12 @@ total length (zigzag and contiguous), GQA with CP > Hkv}: rank 0 draws the globa
 broadcasts them; each rank shards them with ``parallel.shard``, runs ``cp_attn_func``, gathers
 out and dq/dk/dv (dt for CoCA) with ``unshard`` and compares them with the single-process op
 (``attention_func``, ``dual_chunk_attn_func``, ``coca_attn_func``) on the global problem,
-backward from the same random dout. fp32, bar 1e-5 (METHODS.md P1); the two differ only in
+backward from the same random dout. fp32, bar 1e-5 (check P1); the two differ only in
 summation order (~1e-6 observed). One spawned world runs every configuration of a variant,
 collects all failures and reports them together (process start-up dominates the cost).
 
 Also: bf16 inputs through a P-step ring stay as accurate as the single-process bf16 op (fp32
-partials and merge: the error does not grow with the ring), METHODS.md §7 bf16 rule.
+partials and merge: the error does not grow with the ring), docs/methods/checks.md bf16 rule.
 """
 
 from __future__ import annotations

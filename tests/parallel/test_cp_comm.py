@@ -1,6 +1,6 @@
 """Bytes each rank sends per call, and the errors of plans that cannot honour a mask.
 
-Volume (check P2 of ../shared/METHODS.md §7): after one forward and one backward of
+Volume (check P2 of docs/methods/checks.md): after one forward and one backward of
 ``cp_attn_func``, the per-rank byte counters of ``parallel.comm`` must equal the analytic volume
 of each plan, written out here (fp32, 4 bytes; n_kv = B·L·Hkv·D elements of one K shard):
 

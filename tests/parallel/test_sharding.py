@@ -2,10 +2,11 @@
 
 Compared: for every layout, world size and awkward length (odd, shorter than 2P, packed rows
 with short documents and a reappearing id, rows with different document structure), the parts
-``shard_tensor`` gives every rank against an independent oracle written here from the METHODS.md
-§6 definition (document slices of ceil(n / slices) tokens; zigzag rank r holds slices r and
-2P-1-r), and ``unshard_tensors`` of those parts against the original tensor. Everything is
-integer bookkeeping or copies, so the comparisons are exact (equality).
+``shard_tensor`` gives every rank against an independent oracle written here from the layout
+definition in docs/context_parallel.md, "Layouts" (document slices of ceil(n / slices) tokens;
+zigzag rank r holds slices r and 2P-1-r), and ``unshard_tensors`` of those parts against the
+original tensor. Everything is integer bookkeeping or copies, so the comparisons are exact
+(equality).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """CoCA (collinear constrained attention): reference, prologues and fast path.
 
-See README.md in this folder and ../shared/METHODS.md §2.
+See README.md in this folder.
 """
 
 from megatron_ext.ops.coca.interface import coca_attn_func

@@ -1,12 +1,12 @@
 """CoCA prologues: turn (q, t) into the (Q', K') of an ordinary attention, with exact backward.
 
-Follows ../shared/METHODS.md §2 ("Fast path", "Strict fast path", "Prologue backward"). Slack:
+Follows README.md ("The factorisation and why it is exact", "Prologue backward"). Slack:
 ``Q' = q ⊙ RoPE(q)``, ``K' = RoPE(concat(tau, tau))``; strict: ``Q'' = RoPE(concat(|q_i|^2, 0))``,
 ``K'' = RoPE(concat(tau, 0))``, with ``tau = ReLU((t[:D/2] + t[D/2:]) / 2)``. Then
 ``<Q'_m, K'_n> / sqrt(D)`` is the CoCA logit, so any exact attention kernel finishes the job.
 
 The autograd Function keeps only its input (q or t) and the cos/sin tables, and applies the
-closed-form backward of METHODS.md instead of autograd through the temporaries, so the memory
+closed-form backward of README.md instead of autograd through the temporaries, so the memory
 held for backward is the size of q and t. On CUDA the same maths runs as one fused Triton pass
 per direction (``triton_prologue.py``). Maths run in fp32 (fp64 for fp64 inputs); outputs and
 gradients come back in the input dtype. ``K'`` depends only on the key's own position, which is
@@ -175,7 +175,7 @@ def coca_tau(t: torch.Tensor) -> torch.Tensor:
 
 # The torch expressions below write each half of the result in place (out=, addcmul_) rather
 # than building a tree of temporaries: on CPU the prologue is memory-bound, and this halves the
-# passes over q and t. Each line names the METHODS.md §2 formula it evaluates.
+# passes over q and t. Each line names the README.md formula it evaluates.
 
 
 def _halves(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -254,7 +254,7 @@ def _torch_prologue(x, cos, sin, is_key: bool, strict: bool, grad=None) -> torch
 
 
 class _CoCAPrologueFunc(torch.autograd.Function):
-    """q -> Q' / Q'' or t -> K' / K''; backward is the closed form of METHODS.md §2.
+    """q -> Q' / Q'' or t -> K' / K''; backward is the closed form of README.md.
 
     Saves only the input and the [Bp, S, D/2] cos/sin tables. CUDA tensors use the fused Triton
     kernels of ``triton_prologue.py``, everything else the torch expressions above.

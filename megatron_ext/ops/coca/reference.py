@@ -1,4 +1,4 @@
-"""Dense CoCA reference: the N×N definition of ../shared/METHODS.md §2, the gradient oracle.
+"""Dense CoCA reference: the N×N definition of README.md (strict and slack forms), the oracle.
 
 Slack form (released code): the three-operand contraction
 ``s(m, n) = (1/sqrt(D)) sum_d q_m[d] (R_n t_dup_n)[d] (R_m q_m)[d]``, evaluated as written, i.e.
@@ -133,7 +133,7 @@ def coca_attn_ref(
 
     mask = attention_mask(
         Sq, Sk, causal=causal, q_offset=q_offset, doc_ids=doc_ids, device=q.device
-    ).unsqueeze(1)  # [B | 1, 1, Sq, Sk], the package's mask definition (METHODS §0)
+    ).unsqueeze(1)  # [B | 1, 1, Sq, Sk], the package's masks (docs/methods/conventions.md)
     z = z.masked_fill(~mask, float("-inf"))
     lse = torch.logsumexp(z, dim=-1)  # [B, H, Sq]; -inf on rows with no visible key
     finite = torch.isfinite(lse)

@@ -2,7 +2,7 @@
 
 The torch prologue in ``prologue.py`` runs about ten element-wise passes over q and t; on a GPU
 those passes cost as much as a whole flash-attention call at moderate lengths. These kernels do
-the same maths (../shared/METHODS.md §2 "Fast path", "Strict fast path", "Prologue backward") in
+the same maths (README.md, "The factorisation and why it is exact", "Prologue backward") in
 one pass per direction: each program takes ``BLOCK_R`` rows of ``[B * S * Hx, D]`` and handles
 the RoPE plane pairs ``(i, i + D/2)`` of those rows in fp32 registers.
 

@@ -1,6 +1,6 @@
 """Dual Chunk Attention of arbitrary queries against an arbitrary key block -> (out, lse).
 
-The pass decomposition of ../shared/METHODS.md §5 on absolute per-document positions, so the
+The pass decomposition of README.md ("Passes") on absolute per-document positions, so the
 same function serves the single-process op (all keys at once) and context parallelism (one call
 per (Q block, KV block) pair, results merged exactly). With the keys ordered by (document,
 position), each pass gives every query row one contiguous key interval (``dca_key_ranges``), so
@@ -164,11 +164,12 @@ class _DualChunkPassesFunc(torch.autograd.Function):
 
     Forward: for each pass, q is rotated to that pass's positions and the pass gives fp32
     (out_k, lse_k); the parts are merged by ``merge_attn_outputs``. Backward: every pass is
-    differentiated against the *merged* (out, lse) and the incoming (dout, dlse) (METHODS.md §0
-    form 2), so its probabilities are the global ones and ``D = rowsum(dout * out) - dlse`` is
-    shared; nothing is treated as a constant. dK and dV of the passes accumulate in one buffer
-    each; each pass's dq is rotated back (R^T) into one dq. The rotated query copies are
-    recomputed in backward rather than saved, so saved memory is that of one attention.
+    differentiated against the *merged* (out, lse) and the incoming (dout, dlse) (form 2 of
+    "Backward of the merge" in docs/methods/conventions.md), so its probabilities are the global
+    ones and ``D = rowsum(dout * out) - dlse`` is shared; nothing is treated as a constant. dK and
+    dV of the passes accumulate in one buffer each; each pass's dq is rotated back (R^T) into one
+    dq. The rotated query copies are recomputed in backward rather than saved, so saved memory is
+    that of one attention.
     """
 
     @staticmethod

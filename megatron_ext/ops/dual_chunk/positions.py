@@ -1,7 +1,7 @@
 """Dual Chunk Attention position rule, temperature and argument checks.
 
 Shared by the dense reference and the pass-based fast path so that both read the same rule
-(../shared/METHODS.md §5). Naming: ``chunk_size`` is M, the *largest* position index DCA ever
+(README.md, "Position rule"). Naming: ``chunk_size`` is M, the *largest* position index DCA ever
 uses; ``local_size`` is W; the chunk length is ``C = M - W`` (the paper's "chunk size" is C).
 
 Everything here is O(S) or O(Sq * Sk) integer work on small tensors; nothing rotates vectors.
@@ -84,7 +84,7 @@ def dca_position_rule(
     chunk_size: int,
     local_size: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Remapped query and key positions for every (query, key) pair (METHODS.md §5).
+    """Remapped query and key positions for every (query, key) pair (README.md).
 
     With C = M - W and Δ = ⌊i/C⌋ - ⌊j/C⌋: the key sits at ``j mod C``; the query at ``i mod C``
     if Δ <= 0 (intra; pairs with j > i are not visible and are only given a value), at

@@ -1,7 +1,7 @@
 """Dense Dual Chunk Attention: the definition, used as the oracle for values and gradients.
 
 Builds the full [Sq, Sk] logit matrix pair by pair from the position rule of
-../shared/METHODS.md §5 (``dca_position_rule``), masks, and takes one softmax. It knows nothing
+README.md, "Position rule" (``dca_position_rule``), masks, and takes one softmax. It knows nothing
 about passes or merges, so the pass-based fast path in ``interface.py`` is checked against an
 independent construction. O(Sq * Sk) memory: tests and tiny inputs only.
 """

@@ -1,7 +1,7 @@
 """Rotate-half RoPE for DCA's four rotations (three query copies, one key rotation).
 
-Same maths and tables as ``rope.apply_rope`` (``rope_cos_sin``, HF pairing, ../shared/METHODS.md
-§0), written with two fused multiply-adds per half instead of a concatenated ``rotate_half``,
+Same maths and tables as ``rope.apply_rope`` (``rope_cos_sin``, HF pairing, docs/methods/rope.md),
+written with two fused multiply-adds per half instead of a concatenated ``rotate_half``,
 and with a backward that is the transposed rotation (sin -> -sin) instead of autograd through
 the elementwise graph. DCA rotates q three times, so the rotation is a visible share of its
 cost next to the attention passes.

@@ -1,4 +1,4 @@
-"""Dual Chunk Attention on the fused Triton kernel (../shared/METHODS.md §5, exact form 3).
+"""Dual Chunk Attention on the fused Triton kernel (README.md, "Exact forms", form 3).
 
 Keys are rotated once at ``j mod C`` and the queries three times (intra, successive, inter) by
 the differentiable rotations of ``block.py``; ``triton_dca_attention`` then runs all (query

@@ -1,6 +1,6 @@
 """LongHeads: training-free chunk retrieval per attention head (arXiv 2402.10685), inference only.
 
-Maths and design notes: README.md in this folder and ../shared/METHODS.md §4.
+Maths and design notes: README.md in this folder.
 """
 
 from megatron_ext.ops.longheads.interface import longheads_attn_func, longheads_selected_attn

@@ -1,6 +1,6 @@
 """LongHeads prefill attention, vectorised over batch, heads and query blocks (inference only).
 
-Follows ../shared/METHODS.md §4 in its "equivalent batched form": keys are rotated once at
+Follows README.md in this folder in its batched form: keys are rotated once at
 chunk-local positions (the same tensor the summaries use) and the query is rotated once per
 selected slot t at (K - t) * w + (p mod w), so no key is ever re-rotated per query. Rows are
 processed in query blocks; the largest tensors of a block are the gathered keys and values of the

@@ -1,4 +1,4 @@
-"""Per-query dense reference of LongHeads prefill: the literal reading of ../shared/METHODS.md §4.
+"""Per-query dense reference of LongHeads prefill: the literal reading of README.md, "The maths".
 
 Deliberately plain and slow (Python loops over batch, heads, chunks and queries). It follows the
 spec word for word and shares nothing with the fast path but ``apply_rope`` and the argument
@@ -138,7 +138,7 @@ def longheads_attn_ref(
                         ]
                     chunks = _select(head_scores, a, K)
                     keys, k_slots = [], []
-                    for t, c in enumerate(chunks):  # t = slot index (t-1 in METHODS)
+                    for t, c in enumerate(chunks):  # t = slot index (t-1 in README.md)
                         end = p + 1 if c == a else (c + 1) * w  # own chunk: j <= p
                         for j in range(c * w, end):
                             keys.append(j)

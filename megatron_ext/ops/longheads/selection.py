@@ -1,6 +1,6 @@
 """LongHeads chunk summaries and per-head chunk selection (vectorised, memory bounded).
 
-Follows ../shared/METHODS.md §4. Two pieces used by prefill (``interface.py``) and, later, by
+Follows README.md in this folder. Two pieces used by prefill (``interface.py``) and, later, by
 decode with a KV cache and by context parallelism:
 
 - ``longheads_chunk_summaries``: one attention-pooled key r_c per query head per complete chunk;
@@ -147,7 +147,7 @@ def longheads_chunk_summaries(
     theta: float = 10000.0,
     softmax_scale: float | None = None,
 ) -> torch.Tensor:
-    """Attention-pooled key r_c of every complete chunk, per query head (METHODS.md §4).
+    """Attention-pooled key r_c of every complete chunk, per query head (README.md).
 
     For chunk c = tokens [c*w, (c+1)*w) and query head h (KV head g = h // (H // Hkv)): rotate
     q, k at chunk-local positions i mod w, attend non-causally inside the chunk, average the
@@ -198,7 +198,7 @@ def longheads_select(
     selection: str = "head",
     num_kv_heads: int | None = None,
 ) -> torch.Tensor:
-    """Chunks each query attends to: 0, a-1, a and the top-(K-3) of {1..a-2} (METHODS.md §4).
+    """Chunks each query attends to: 0, a-1, a and the top-(K-3) of {1..a-2} (README.md).
 
     score_c = <q_p, r_c> with the raw (un-rotated, unscaled) query; ties go to the lower chunk
     index. ``selection="group"`` scores with the mean over the heads of a KV group, so the heads

@@ -1,6 +1,7 @@
 """Triton flash-attention backward: exact dq (per query variant), dk and dv, no atomics.
 
-Maths (../shared/METHODS.md §0): with P = exp(z - lse) recomputed from the saved lse,
+Maths (docs/methods/conventions.md, "Attention backward"): with P = exp(z - lse) recomputed
+from the saved lse,
 
     D_i = rowsum(dO_i * O_i) - dlse_i                  (``_attn_bwd_preprocess_kernel``)
     dV  = P^T dO,  dZ = P * (dO V^T - D),  dK = scale dZ^T Q   (``_attn_bwd_dkdv_kernel``)

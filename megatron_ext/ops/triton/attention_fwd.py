@@ -6,13 +6,13 @@ One program owns ``BLOCK_M`` query rows of one query head (GQA: it reads KV head
 sees are skipped, tiles everybody sees run without a mask (``tiles.py``).
 
 The kernel takes a stack of query variants [NV, B, Sq, H, D]. Plain attention passes one.
-Dual Chunk Attention (../shared/METHODS.md §5) passes the intra / successive / inter rotations
-of q and one key tensor K' rotated at ``j mod C``: for each variant the program visits the key
-tiles where some of its rows have the matching ``delta = i // C - j // C`` (0, 1, >= 2), loads
-that variant of its query block once, and adds the tile to the same running max / sum. A tile
-that straddles a chunk boundary is visited once per variant with complementary masks, so every
-(i, j) pair is counted exactly once and DCA costs the FLOPs of causal attention plus its
-boundary tiles.
+Dual Chunk Attention (megatron_ext/ops/dual_chunk/README.md) passes the intra / successive /
+inter rotations of q and one key tensor K' rotated at ``j mod C``: for each variant the program
+visits the key tiles where some of its rows have the matching ``delta = i // C - j // C``
+(0, 1, >= 2), loads that variant of its query block once, and adds the tile to the same running
+max / sum. A tile that straddles a chunk boundary is visited once per variant with complementary
+masks, so every (i, j) pair is counted exactly once and DCA costs the FLOPs of causal attention
+plus its boundary tiles.
 
 Rows with no visible key end with ``l == 0``: out 0, lse -inf (never NaN).
 """

@@ -3,8 +3,9 @@
 ``triton_attention`` is exact softmax attention returning (out, lse) with the semantics of
 ``attention_ref`` (causal with ``q_offset``, sliding window, chunked-local, document ids, GQA);
 ``triton_dca_attention`` is the fused Dual Chunk Attention core: three pre-rotated query copies
-against one key tensor K' in a single online softmax (../shared/METHODS.md §5, "one fused
-kernel"). Both are differentiable through out and lse, with the backward of ``attention_bwd.py``.
+against one key tensor K' in a single online softmax (megatron_ext/ops/dual_chunk/README.md,
+"Exact forms", form 3). Both are differentiable through out and lse, with the backward of
+``attention_bwd.py``.
 
 They run on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1`` (how the tests check
 them). ``triton_attention_supported`` says whether the kernels take a given problem; the

@@ -2,7 +2,7 @@
 
 Every mask these kernels take gives each query position i one contiguous interval of visible
 keys ``[lo_i, hi_i)`` and each key j one contiguous interval of query positions that see it
-(../shared/METHODS.md §0 and §5):
+(docs/methods/conventions.md, "Masks", and megatron_ext/ops/dual_chunk/README.md):
 
 - MODE 0 ("mask"): causal ``j <= i``, sliding window ``i - W < j``, same document (documents are
   runs; ``DS`` / ``DE`` hold each index's run start and end, int32 [B, Sk]);
