@@ -1,4 +1,10 @@
-"""Run metrics: tensorboard scalars, a JSON-lines log and PNG plots, written by rank 0 only."""
+"""Run metrics: tensorboard scalars, a JSON-lines log and PNG plots, written by rank 0 only.
+
+`metrics.jsonl` holds one record per optimizer step (`step`, `loss`, `lr`, `grad_norm`,
+`tokens_per_s`, and `eval_loss` on steps that evaluated). A new run starts the file afresh; a
+resumed run keeps the records of the steps before the checkpoint and drops the rest, so the
+file never holds a step twice (tensorboard events after that step are purged the same way).
+"""
 
 from __future__ import annotations
 
@@ -11,19 +17,46 @@ from pathlib import Path
 class MetricsWriter:
     """Collects scalars per step; writes tensorboard events, metrics.jsonl and PNG curves."""
 
-    def __init__(self, out_dir: str | os.PathLike, *, enabled: bool = True) -> None:
+    def __init__(self, out_dir: str | os.PathLike, *, enabled: bool = True,
+                 resume_step: int | None = None) -> None:
+        """
+        Args:
+            out_dir: run directory (created if missing).
+            enabled: False on every rank but 0.
+            resume_step: None for a new run; k when resuming after k completed steps (records
+                with step >= k are dropped).
+        """
         self.out_dir = Path(out_dir)
         self.enabled = enabled
         self.history: dict[str, list[tuple[int, float]]] = defaultdict(list)
         self._tb = None
-        if enabled:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            from torch.utils.tensorboard import SummaryWriter
+        if not enabled:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        path = self.out_dir / "metrics.jsonl"
+        kept: list[str] = []
+        if resume_step is not None and path.exists():
+            for line in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:  # a line cut by a kill
+                    continue
+                if row.get("step", resume_step) < resume_step:
+                    kept.append(line)
+                    for k, v in row.items():
+                        if k != "step":
+                            self.history[k].append((row["step"], float(v)))
+        tmp = path.with_name(".metrics.jsonl.tmp")
+        tmp.write_text("".join(x + "\n" for x in kept), encoding="utf-8")
+        os.replace(tmp, path)
+        from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(log_dir=str(self.out_dir / "tensorboard"))
-            self._jsonl = open(self.out_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+        self._tb = SummaryWriter(log_dir=str(self.out_dir / "tensorboard"),
+                                 purge_step=resume_step)
+        self._jsonl = open(path, "a", encoding="utf-8")  # noqa: SIM115
 
     def log(self, step: int, **scalars: float) -> None:
+        """One record for `step` (call once per step)."""
         if not self.enabled:
             return
         for name, value in scalars.items():
@@ -55,11 +88,13 @@ class MetricsWriter:
         ax.legend()
         fig.tight_layout()
         path = self.out_dir / filename
-        fig.savefig(path)
+        tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+        fig.savefig(tmp)
+        os.replace(tmp, path)
         plt.close(fig)
         return path
 
     def close(self) -> None:
-        if self.enabled:
+        if self.enabled and self._tb is not None:
             self._tb.close()
             self._jsonl.close()
