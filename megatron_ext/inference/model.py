@@ -64,6 +64,13 @@ class InferenceModel:
                              "shorten the prompt or raise the limit with "
                              f"--set inference.max_seq_len={total}")
 
+    def _check_ids(self, ids: Sequence[int] | torch.Tensor) -> None:
+        vocab = self.model.vocab_size
+        t = torch.as_tensor(ids)
+        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= vocab):
+            raise ValueError(f"token ids span {int(t.min())}..{int(t.max())}; the model's "
+                             f"vocabulary is 0..{vocab - 1} (vocab_size={vocab})")
+
     def logits(self, tokens: torch.Tensor, *, seq_len: int | None = None) -> torch.Tensor:
         """One full forward pass: tokens [B, S] -> logits [B, S, vocab] (fp32 or model dtype).
 
@@ -75,6 +82,7 @@ class InferenceModel:
             raise ValueError(f"tokens shape={tuple(tokens.shape)} dtype={tokens.dtype}; "
                              "expected an int tensor [B, S]")
         self._check_length(tokens.shape[1], "sequence length")
+        self._check_ids(tokens)
         tokens = tokens.to(self.device)
         with torch.no_grad():
             if self.config.attention.variant == "longheads":
@@ -131,6 +139,7 @@ class InferenceModel:
             raise ValueError(f"prefill_chunk_size={chunk!r}; expected an int >= 1")
         for p in ids:
             self._check_length(len(p) + n_new, "prompt + max_new_tokens")
+            self._check_ids(p)
         params = SamplingParams(
             temperature=ic.temperature if temperature is None else temperature,
             top_k=ic.top_k if top_k is None else top_k,
