@@ -324,3 +324,27 @@ def test_bad_shapes_and_block_raise():
         longheads_select(
             q[:, 19:], r, torch.tensor([19]), chunk_len=4, num_chunks=4, selection="group"
         )
+
+
+def test_documents_are_independent() -> None:
+    """Packed documents (``doc_ids``): each document is its own sequence (positions from 0, its
+    own chunk grid, first chunk and local window), so no chunk of another document is ever
+    selected. Oracle: the dense reference run on each document alone (fp64, 1e-10)."""
+    w, K = 4, 3
+    lens = [7, 23, 18]  # a short document (plain attention only) and two that select chunks
+    S, B, H, Hkv, D = sum(lens), 2, 4, 2, 16
+    q = torch.randn(B, S, H, D, dtype=torch.float64)
+    k, v = (torch.randn(B, S, Hkv, D, dtype=torch.float64) for _ in range(2))
+    ids = torch.tensor([sum([[i] * n for i, n in enumerate(lens)], []), [9] * S])
+    out, lse = longheads_attn_func(q, k, v, chunk_len=w, num_chunks=K, doc_ids=ids,
+                                   return_lse=True)
+    starts = [0, 7, 30, S]
+    for s0, s1 in zip(starts[:-1], starts[1:]):
+        o, l_ = longheads_attn_ref(q[:1, s0:s1], k[:1, s0:s1], v[:1, s0:s1], chunk_len=w,
+                                   num_chunks=K, return_lse=True)
+        torch.testing.assert_close(out[:1, s0:s1], o, atol=1e-10, rtol=0)
+        torch.testing.assert_close(lse[:1, :, s0:s1], l_, atol=1e-10, rtol=0)
+    whole = longheads_attn_ref(q[1:], k[1:], v[1:], chunk_len=w, num_chunks=K)
+    torch.testing.assert_close(out[1:], whole, atol=1e-10, rtol=0)
+    mixed = longheads_attn_func(q[:1], k[:1], v[:1], chunk_len=w, num_chunks=K)
+    assert (mixed[:, 30:] - out[:1, 30:]).abs().max() > 1e-3  # documents really were cut

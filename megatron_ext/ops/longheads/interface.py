@@ -25,7 +25,7 @@ from megatron_ext.ops.longheads.selection import (
 )
 from megatron_ext.ops.rope import apply_rope
 
-__all__ = ["longheads_attn_func", "longheads_selected_attn"]
+__all__ = ["longheads_attn_func", "longheads_selected_attn", "per_document"]
 
 # Elements of one gathered [B, H, blk, K, w, D] tensor (or one block of plain logits) used to
 # size the default query block: 2**25 fp32 elements = 128 MiB.
@@ -165,6 +165,28 @@ def _default_block(per_row: int) -> int:
     return max(1, min(_MAX_BLOCK, _BLOCK_BUDGET // max(1, per_row)))
 
 
+def per_document(fn, q, k, v, doc_ids: torch.Tensor, return_lse: bool, **kw):
+    """Run a whole-sequence LongHeads function on each document of packed rows separately.
+
+    Documents are maximal runs of equal ``doc_ids`` [B, S]; each is a sequence of its own.
+    """
+    B, S, H, D = q.shape
+    if tuple(doc_ids.shape) != (B, S) or doc_ids.is_floating_point():
+        raise ValueError(f"doc_ids shape={tuple(doc_ids.shape)} dtype={doc_ids.dtype}; expected "
+                         f"an int tensor [B, S] = [{B}, {S}]")
+    ids = doc_ids.detach().cpu()
+    out = torch.empty(B, S, H, D, dtype=q.dtype, device=q.device)
+    lse = torch.empty(B, H, S, dtype=compute_dtype(q), device=q.device)
+    for b in range(B):
+        cuts = [0, *((ids[b, 1:] != ids[b, :-1]).nonzero().flatten() + 1).tolist(), S]
+        for s0, s1 in zip(cuts[:-1], cuts[1:]):
+            rows = slice(s0, s1)
+            o, lse_d = fn(q[b : b + 1, rows], k[b : b + 1, rows], v[b : b + 1, rows],
+                          return_lse=True, **kw)
+            out[b, rows], lse[b, :, rows] = o[0], lse_d[0].to(lse.dtype)
+    return (out, lse) if return_lse else out
+
+
 @torch.no_grad()
 def longheads_attn_func(
     q: torch.Tensor,
@@ -179,6 +201,7 @@ def longheads_attn_func(
     selection: str = "head",
     return_lse: bool = False,
     block_size: int | None = None,
+    doc_ids: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """LongHeads prefill over whole sequences (training-free chunk retrieval per head).
 
@@ -203,6 +226,9 @@ def longheads_attn_func(
         return_lse: also return lse.
         block_size: query rows per block (memory knob); default sized so a gathered
             [B, H, blk, K, w, D] tensor holds about 2**25 elements.
+        doc_ids: optional int [B, S] of packed rows: each maximal run of equal ids is a document
+            with its own positions from 0, its own chunk grid, first chunk and local window;
+            no chunk of another document is ever selected (documents are independent).
 
     Returns:
         out [B, S, H, D] in q's dtype, and if return_lse, lse [B, H, S] (fp32; fp64 for fp64 q).
@@ -218,6 +244,11 @@ def longheads_attn_func(
     )
     if block_size is not None and (not isinstance(block_size, int) or block_size < 1):
         raise ValueError(f"block_size={block_size!r}; expected None or an int >= 1")
+    if doc_ids is not None:
+        kw = {"chunk_len": chunk_len, "num_chunks": num_chunks, "theta": theta,
+              "softmax_scale": softmax_scale, "begin_selective_length": begin_selective_length,
+              "selection": selection, "block_size": block_size}
+        return per_document(longheads_attn_func, q, k, v, doc_ids, return_lse, **kw)
     B, S, H, D = q.shape
     Hkv, w, K = k.shape[2], chunk_len, num_chunks
     cd = compute_dtype(q)
