@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ppl-docs", type=int, default=None, help="first N held-out documents")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if present)")
     p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"))
+    p.add_argument("--engine", default="inference", choices=("inference", "forward"),
+                   help="inference: the inference engine (cached decode, every method); "
+                        "forward: full gpt_forward passes")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -95,7 +98,7 @@ def run(args: argparse.Namespace) -> dict:
            "max_docs": args.ppl_docs}
     t0 = time.perf_counter()
     model = load_eval_model(args.checkpoint, args.overrides, device=args.device,
-                            dtype=args.dtype)
+                            dtype=args.dtype, engine=args.engine)
     t_load = time.perf_counter() - t0
     ppl["tokenizer_path"] = model.config.data.tokenizer
     res = run_eval(model, tasks, lengths, seed=args.seed, trials=args.trials, depths=depths,
@@ -106,7 +109,7 @@ def run(args: argparse.Namespace) -> dict:
         "tasks_requested": tasks, "lengths": lengths, "seed": args.seed,
         "trials": args.trials, "depths": depths, "ppl_options": ppl,
         "config": to_dict(model.config), "hardware": hardware_info(),
-        "device": str(model.device), "dtype": args.dtype,
+        "device": str(model.device), "dtype": args.dtype, "engine": args.engine,
         "load_s": round(t_load, 3), "wall_time_s": round(time.perf_counter() - t0, 3),
         **res,
     }

@@ -1,15 +1,24 @@
-"""The model-access interface of the evaluation, and its implementation on a checkpoint.
+"""The model-access interface of the evaluation and its two implementations.
 
-Everything the tasks need from a model is four things: its tokenizer, its resolved run config,
-logits of token rows, and the per-token loss of token rows. `EvalModel` names them, plus the
-greedy continuation built on the logits (generation.py). `load_eval_model` opens a checkpoint
-directory (the weights with `config.yaml` beside them or one level up, or a run directory whose
-`latest` names one), applies `--set` overrides to the stored config (which is how DCA, YaRN or
-dynamic NTK are switched on for a model trained without them), builds the GPTModel with
-`build_gpt_model` and loads the weights with `load_megatron_checkpoint`.
+Everything the tasks need from a model is: its tokenizer, its resolved run config, the longest
+row it accepts, logits and per-token losses of token rows, and a greedy continuation.
+`EvalModel` names them. Two implementations:
 
-`max_length` is `model.max_position_embeddings` of the resolved config: asking for a longer
-evaluation is refused, naming the override that would allow it.
+- `EngineModel` (default, `--engine inference`): the inference engine's `load_model`, so every
+  method it knows is reachable with `--set`, LongHeads included; greedy answers use its cached
+  prefill and decode.
+- `ForwardModel` (`--engine forward`): the GPTModel built with `build_gpt_model`, weights from
+  `load_megatron_checkpoint`, run by full `gpt_forward` passes; greedy answers by full passes
+  with the teacher-forced shortcut of generation.py. Independent of the engine's caches, which
+  makes it the cross-check.
+
+Both accept a checkpoint directory (the weights, `config.yaml` beside them or one level up), a
+training run directory (`checkpoints/latest` names a step whose `model/` holds the weights) or
+a directory with a `latest` pointer. `--set` overrides are applied to the stored config, which
+is how DCA, LongHeads, YaRN or dynamic NTK are switched on for a model trained without them.
+
+`max_length` is the resolved `inference.max_seq_len`: a longer evaluation is refused, naming
+the override that would allow it.
 """
 
 from __future__ import annotations
@@ -32,7 +41,10 @@ from megatron_ext.config import RunConfig, load_config
 from megatron_ext.eval.generation import greedy_decode
 from megatron_ext.eval.samples import LengthError
 
-__all__ = ["EvalModel", "ForwardModel", "find_checkpoint", "load_eval_model"]
+__all__ = ["ENGINES", "EngineModel", "EvalModel", "ForwardModel", "find_checkpoint",
+           "load_eval_model"]
+
+ENGINES = ("inference", "forward")
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -71,9 +83,13 @@ def find_checkpoint(path: str | os.PathLike) -> tuple[Path, Path]:
     if not p.is_dir():
         raise CheckpointError(f"checkpoint {p} does not exist; expected a checkpoint directory "
                               f"(with {MARKER}) or a run directory with a 'latest' pointer")
+    if not (p / MARKER).exists() and (p / "checkpoints" / "latest").exists():
+        p = p / "checkpoints"  # a training run directory
     if not (p / MARKER).exists() and (p / "latest").exists():
         ptr = p / "latest"
         p = ptr.resolve() if ptr.is_symlink() else p / ptr.read_text().strip()
+    if not (p / MARKER).exists() and (p / "model" / MARKER).exists():
+        p = p / "model"  # a training checkpoint: weights in model/, config.yaml beside it
     read_checkpoint_info(p)
     for cand in (p / CONFIG_FILE, p.parent / CONFIG_FILE):
         if cand.is_file():
@@ -107,16 +123,12 @@ class ForwardModel:
         self.model = model.eval()
         self.config = config
         self.tokenizer = tokenizer
-        self.max_length = config.model.max_position_embeddings
+        self.max_length = config.inference.max_seq_len
         self.device = next(model.parameters()).device
 
     def check_length(self, n: int, what: str) -> None:
         """Raise LengthError if `n` tokens exceed what the model accepts."""
-        if n > self.max_length:
-            raise LengthError(
-                f"{what}: {n} tokens is more than this model holds (model."
-                f"max_position_embeddings={self.max_length}); allow it with --set "
-                f"model.max_position_embeddings={n} if the method extrapolates")
+        _check_length(n, self.max_length, what)
 
     def logits(self, tokens: torch.Tensor, *, seq_len: int | None = None) -> torch.Tensor:
         from megatron_ext.layers.forward import gpt_forward
@@ -142,33 +154,76 @@ class ForwardModel:
         return out
 
 
+def _check_length(n: int, limit: int, what: str) -> None:
+    if n > limit:
+        raise LengthError(f"{what}: {n} tokens is more than this model holds (inference."
+                          f"max_seq_len={limit}); allow it with --set inference.max_seq_len={n}")
+
+
+class EngineModel:
+    """The inference engine's `InferenceModel` behind the `EvalModel` interface."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self.config = inner.config
+        self.tokenizer = inner.tokenizer
+        self.max_length = inner.config.inference.max_seq_len
+        self.device = inner.device
+
+    def logits(self, tokens: torch.Tensor, *, seq_len: int | None = None) -> torch.Tensor:
+        _check_length(tokens.shape[-1], self.max_length, "logits")
+        return self.inner.logits(tokens, seq_len=seq_len).float()
+
+    def token_losses(self, tokens: torch.Tensor) -> torch.Tensor:
+        import torch.nn.functional as F
+
+        logits = self.logits(tokens[:, :-1])
+        target = tokens[:, 1:].to(logits.device)
+        return F.cross_entropy(logits.transpose(1, 2), target, reduction="none")
+
+    def greedy(self, prompt: Sequence[int], n_new: int, guess: Sequence[int] = ()
+               ) -> list[int]:
+        _check_length(len(prompt) + n_new, self.max_length, "prompt + answer")
+        out = self.inner.generate([list(prompt)], max_new_tokens=n_new, temperature=0.0,
+                                  stop_tokens=[])
+        return list(out[0])
+
+
 def load_eval_model(
     path: str | os.PathLike,
     overrides: Sequence[str] = (),
     *,
     device: str | None = None,
     dtype: str = "fp32",
-) -> ForwardModel:
+    engine: str = "inference",
+) -> EngineModel | ForwardModel:
     """Open a checkpoint for evaluation.
 
     Args:
-        path: a checkpoint directory or a run directory with a `latest` pointer.
+        path: a checkpoint, training run or `latest`-pointer directory (module docstring).
         overrides: `section.key=value` strings applied to the stored run config.
         device: "cpu", "cuda", ...; default CUDA when available.
         dtype: "fp32", "bf16" or "fp16".
+        engine: "inference" (the inference engine) or "forward" (full gpt_forward passes).
 
     Raises:
         CheckpointError: missing, incomplete or mismatched checkpoint.
         ConfigError: a bad override.
-        ValueError: a method this path cannot run (LongHeads needs the inference engine).
+        ValueError: an unknown engine, or LongHeads asked of the forward engine.
     """
     if dtype not in _DTYPES:
         raise ValueError(f"dtype={dtype!r}; expected one of {sorted(_DTYPES)}")
+    if engine not in ENGINES:
+        raise ValueError(f"engine={engine!r}; expected one of {ENGINES}")
     ckpt, config_file = find_checkpoint(path)
+    if engine == "inference":
+        from megatron_ext.inference import load_model
+
+        return EngineModel(load_model(ckpt, list(overrides), device=device, dtype=dtype))
     cfg = load_config(config_file, list(overrides))
     if cfg.attention.variant == "longheads":
-        raise ValueError("attention.variant='longheads' runs only through the inference engine "
-                         "(megatron_ext.inference), which this installation lacks")
+        raise ValueError("attention.variant='longheads' has no training layer for the forward "
+                         "engine; use --engine inference")
     vocab = read_checkpoint_info(ckpt)["model"].get("vocab_size") or cfg.model.vocab_size
     if not vocab:
         raise CheckpointError(f"{ckpt}: the checkpoint records no vocab_size")

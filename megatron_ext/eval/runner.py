@@ -109,9 +109,8 @@ def run_eval(
     for n in lengths:
         if n > model.max_length:
             raise LengthError(
-                f"length {n} is more than this model holds (model.max_position_embeddings="
-                f"{model.max_length}); allow it with --set model.max_position_embeddings={n} "
-                "if the method extrapolates")
+                f"length {n} is more than this model holds (inference.max_seq_len="
+                f"{model.max_length}); allow it with --set inference.max_seq_len={n}")
     plan: list[tuple[str, int, list[Sample] | int]] = []
     for task in tasks:
         for n in lengths:

@@ -39,7 +39,8 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
         dist.init_process_group("gloo", store=store, rank=0, world_size=1)
     ps.initialize_model_parallel(tensor_model_parallel_size=1)
     cfg = config_from_dict({"model": {"num_layers": 2, "hidden_size": 64,
-                                      "num_attention_heads": 4, "max_position_embeddings": 512}})
+                                      "num_attention_heads": 4, "max_position_embeddings": 512},
+                           "inference": {"max_seq_len": 512}})
     torch.manual_seed(0)
     model = build_gpt_model(cfg.model, cfg.attention, vocab_size=4096)
     path = tmp_path_factory.mktemp("ckpt") / "step_1"
@@ -50,14 +51,16 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
         dist.destroy_process_group()
 
 
-def test_cli_end_to_end_two_lengths(checkpoint: Path, tmp_path: Path, capsys):
+@pytest.mark.parametrize("engine", ["inference", "forward"])
+def test_cli_end_to_end_two_lengths(checkpoint: Path, tmp_path: Path, capsys, engine):
     out = tmp_path / "results.json"
     main(["--checkpoint", str(checkpoint), "--tasks", "passkey,vt,ppl", "--lengths", "256,384",
           "--trials", "1", "--depths", "0,1", "--ppl-docs", "2", "--ppl-windows", "2",
-          "--out", str(out), "--no-progress"])
+          "--out", str(out), "--no-progress", "--engine", engine])
     res = json.loads(out.read_text())
     assert "passkey" in capsys.readouterr().out
     assert res["lengths"] == [256, 384] and res["config"]["model"]["num_layers"] == 2
+    assert res["engine"] == engine
     assert res["hardware"]["cpu_count"] >= 1 and res["wall_time_s"] > 0
     for task in ("passkey", "vt", "ppl"):
         assert set(res["tasks"][task]) == {"256", "384"}
@@ -71,7 +74,7 @@ def test_cli_end_to_end_two_lengths(checkpoint: Path, tmp_path: Path, capsys):
             mean = sum(r["score"] for r in recs) / len(recs)
             assert res["tasks"][task][n]["score"] == pytest.approx(mean)
 
-    m = load_eval_model(checkpoint, device="cpu")
+    m = load_eval_model(checkpoint, device="cpu", engine="forward")  # plain gpt_forward
     from megatron_ext.eval.passkey import generate
 
     s = generate(m.tokenizer, 256, seed=0, trials=1, depths=[0.0])[0]
@@ -89,12 +92,12 @@ def test_cli_end_to_end_two_lengths(checkpoint: Path, tmp_path: Path, capsys):
 
 
 def test_override_reaches_the_model(checkpoint: Path):
-    m = load_eval_model(checkpoint, ["model.max_position_embeddings=1024",
+    m = load_eval_model(checkpoint, ["inference.max_seq_len=1024",
                                      "attention.rope_scaling={type: dynamic, factor: 2.0, "
                                      "original_max_position_embeddings: 256}"],
                         device="cpu")
     assert m.max_length == 1024 and m.config.attention.rope_scaling.type == "dynamic"
-    plain = load_eval_model(checkpoint, device="cpu")
+    plain = load_eval_model(checkpoint, device="cpu", engine="forward")
     x = torch.randint(0, 4096, (1, 300))
     # dynamic NTK changes nothing up to the original length and everything past it
     assert torch.allclose(m.logits(x[:, :200], seq_len=200), plain.logits(x[:, :200]))
@@ -104,7 +107,7 @@ def test_override_reaches_the_model(checkpoint: Path):
 @pytest.mark.parametrize("args,message", [
     (["--tasks", "passkey,needle", "--lengths", "256"], "unknown task 'needle'"),
     (["--tasks", "passkey", "--lengths", "256,1024"],
-     "length 1024 is more than this model holds.*--set model.max_position_embeddings=1024"),
+     "length 1024 is more than this model holds.*--set inference.max_seq_len=1024"),
     (["--tasks", "passkey", "--lengths", "32"], "fixed text alone is"),
     (["--tasks", "ppl", "--lengths", "256,x"], "'x' is not an integer"),
 ])
