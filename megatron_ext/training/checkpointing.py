@@ -272,10 +272,11 @@ def verify_on_rank0(directory: Path) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------- load
 
-def load_checkpoint(directory: Path, *, engine, layout: dict[str, Any], deepspeed: bool
-                    ) -> dict[str, Any]:
+def load_checkpoint(directory: Path, *, engine, layout: dict[str, Any], deepspeed: bool,
+                    verified: bool = False) -> dict[str, Any]:
     """Restore weights, optimizer, schedule and this rank's state from a verified checkpoint.
 
+    `verified=True` skips hashing a checkpoint that `verify_checkpoint` passed just before.
     Returns this rank's saved state (step, data position, RNG states); the caller restores
     the RNGs last, after everything that may draw random numbers.
 
@@ -284,7 +285,10 @@ def load_checkpoint(directory: Path, *, engine, layout: dict[str, Any], deepspee
     """
     from megatron_ext.checkpoint import load_megatron_checkpoint
 
-    manifest = verify_on_rank0(directory)
+    if verified:  # hashed already: read the layout only
+        manifest = json.loads((directory / MANIFEST).read_text(encoding="utf-8"))
+    else:
+        manifest = verify_on_rank0(directory)
     saved = manifest["layout"]
     diff = [f"{k}: checkpoint {saved.get(k)!r}, this run {v!r}" for k, v in layout.items()
             if saved.get(k) != v]

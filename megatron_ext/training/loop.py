@@ -106,7 +106,9 @@ def _init_checks(cfg: RunConfig, *, resume: bool, overwrite: bool) -> tuple[str,
         _rank0(ckpt.verify_checkpoint, source)
         saved = load_config(source / "config.yaml")
         notes = check_switch(saved, cfg, cfg.train.init_from)
-    if mode == "resume":
+    if mode == "resume":  # the checkpoint is verified before anything is written
+        source = _rank0(ckpt.resolve_checkpoint, cfg.train.out_dir)
+        _rank0(ckpt.verify_checkpoint, source)
         saved = load_config(Path(cfg.train.out_dir) / "config.yaml")
         fixed = ("model", "attention", "parallel", "data", "deepspeed")
         diff = [s for s in fixed if getattr(saved, s) != getattr(cfg, s)]
@@ -218,7 +220,7 @@ def _train(cfg: RunConfig, mode: str, source: Path | None, notes: list[str], *,
     data = build_datasets(cfg.data, seed=t.seed, progress=progress and is_main())
     vocab = check_vocab(cfg, data.vocab_size)
     model = _build_model(cfg, vocab, device)
-    if source is not None:  # continued pretraining: weights only (refused here if unfitting)
+    if source is not None and mode != "resume":  # continued pretraining: weights only
         load_megatron_checkpoint(model, source / "model")
     rows = world_layout()
 
@@ -239,7 +241,7 @@ def _train(cfg: RunConfig, mode: str, source: Path | None, notes: list[str], *,
     print0(f"packed {len(data.train)} train / {len(data.eval)} held-out sequences of "
            f"{cfg.data.seq_length} tokens (vocab {vocab}); GPTModel {n_params:,} parameters "
            "per rank")
-    if source is not None:
+    if source is not None and mode != "resume":
         print0(f"continued pretraining from {source}: " + ("; ".join(notes) or "same settings"))
 
     if cfg.deepspeed.enabled:
@@ -261,9 +263,9 @@ def _train(cfg: RunConfig, mode: str, source: Path | None, notes: list[str], *,
     root = out / "checkpoints"
     start = 0
     if mode == "resume":
-        where = ckpt.resolve_checkpoint(out)
+        where = source  # verified in _init_checks
         state = ckpt.load_checkpoint(where, engine=engine, layout=layout,
-                                     deepspeed=cfg.deepspeed.enabled)
+                                     deepspeed=cfg.deepspeed.enabled, verified=True)
         start = int(state["step"])
         stream.restore(state["data"])
         ckpt.restore_rng(state["rng"])
@@ -293,7 +295,7 @@ def _train(cfg: RunConfig, mode: str, source: Path | None, notes: list[str], *,
 
     losses: list[float] = []
     train_loss = eval_loss = float("nan")
-    last_saved = ckpt.resolve_checkpoint(out) if mode == "resume" else None
+    last_saved = source if mode == "resume" else None
     model.train()
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 

@@ -22,8 +22,10 @@ from torch.utils.checkpoint import checkpoint
 
 def _chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                 tp: int) -> torch.Tensor:
-    """Per-token loss of one chunk: hidden [N, H], weight [V/TP, H], labels [N] -> [N] fp32."""
-    logits = (hidden @ weight.t()).float()
+    """Per-token loss of one chunk: hidden [N, H], weight [V/TP, H], labels [N] -> [N] (fp32, or
+    fp64 for fp64 inputs)."""
+    logits = hidden @ weight.t()
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     if tp > 1:
         from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
@@ -46,7 +48,7 @@ def chunked_cross_entropy(
         tp_group: the tensor-parallel group when `weight` is a vocabulary shard.
 
     Returns:
-        fp32 loss with the leading shape of `labels`.
+        loss with the leading shape of `labels`, in fp32 (fp64 for fp64 inputs).
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size}; expected >= 1")
