@@ -1,0 +1,57 @@
+"""The scorecard renderer against results produced by the real eval CLI.
+
+A tiny checkpoint is evaluated by `python -m megatron_ext.eval`'s `main` for two methods (the
+plain model and a dynamic-NTK override); `render` must put exactly those numbers, formatted,
+into the markdown tables and draw one heat map per method plus the perplexity plot. Plan
+checks refuse a method naming an unknown model.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from megatron_ext.eval.cli import main
+from megatron_ext.eval.scorecard import load_plan, render
+
+
+def test_render_tables_match_results(checkpoint: Path, tmp_path: Path):
+    runs = tmp_path / "runs"
+    methods = {"base": {"model": "m"},
+               "ntk": {"model": "m", "set": ["attention.rope_scaling={type: dynamic, factor: "
+                                             "2.0, original_max_position_embeddings: 128}"]}}
+    for name, m in methods.items():
+        main(["--checkpoint", str(checkpoint), "--tasks", "passkey,ppl", "--lengths", "128,256",
+              "--trials", "1", "--depths", "0,1", "--ppl-docs", "1", "--ppl-windows", "1",
+              "--out", str(runs / "results" / f"{name}.json"), "--no-progress",
+              *[a for s in m.get("set", []) for a in ("--set", s)]])
+    plan_file = tmp_path / "plan.yaml"
+    plan_file.write_text(yaml.safe_dump({
+        "train_length": 128, "multiples": [1, 2], "runs_dir": str(runs), "seed": 0,
+        "trials": 1, "depths": [0.0, 1.0], "tasks": ["passkey", "ppl"],
+        "models": {"m": {"config": "unused.yaml"}}, "methods": methods}))
+    plan = load_plan(plan_file)
+    plan["_path"] = str(plan_file)
+    md = render(plan, tmp_path / "docs" / "scorecard.md")
+    text = md.read_text()
+    for name in methods:
+        res = json.loads((runs / "results" / f"{name}.json").read_text())
+        ppl = [res["tasks"]["ppl"][n]["truncation"]["ppl"] for n in ("128", "256")]
+        pk = [res["tasks"]["passkey"][n]["score"] for n in ("128", "256")]
+        assert f"| {name} | {ppl[0]:.1f} | {ppl[1]:.1f} |" in text
+        assert f"| {name} | {100 * pk[0]:.0f} | {100 * pk[1]:.0f} |" in text
+        assert (md.parent / "scorecard" / f"passkey_{name}.png").stat().st_size > 1000
+    assert (md.parent / "scorecard" / "ppl_vs_length.png").stat().st_size > 1000
+    assert "| hybrid | — | — | not run |" in text
+
+
+def test_plan_with_unknown_model_is_refused(tmp_path: Path):
+    f = tmp_path / "plan.yaml"
+    f.write_text(yaml.safe_dump({"train_length": 1, "multiples": [1], "runs_dir": "r",
+                                 "seed": 0, "trials": 1, "depths": [0], "tasks": ["ppl"],
+                                 "models": {"a": {}}, "methods": {"x": {"model": "b"}}}))
+    with pytest.raises(ValueError, match="method 'x' uses model 'b'"):
+        load_plan(f)
