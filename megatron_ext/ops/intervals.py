@@ -33,7 +33,8 @@ from megatron_ext.ops.triton import HEAD_DIMS, triton_attention_supported
 from megatron_ext.ops.triton import intervals as triton_intervals
 
 __all__ = [
-    "TilePlan", "interval_attention", "interval_backward", "interval_forward", "plan_intervals",
+    "TilePlan", "backward_inputs", "interval_attention", "interval_backward", "interval_forward",
+    "plan_intervals",
 ]
 
 
@@ -200,6 +201,20 @@ def interval_backward(
     return dq
 
 
+def backward_inputs(
+    out: torch.Tensor, dout: torch.Tensor | None, dlse: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The (dout, dlse) a backward of (out, lse) works with: a missing dout is zeros; a dlse
+    that is all zeros (lse unused downstream, the common case) is dropped so no extra D term is
+    computed. That test reads the values, so it is only made for CPU tensors: on a GPU it would
+    stall the stream, and a zero dlse costs one subtraction there."""
+    if dout is None:
+        dout = torch.zeros_like(out)
+    if dlse is not None and dlse.device.type == "cpu" and not bool(dlse.ne(0).any()):
+        dlse = None
+    return dout, dlse
+
+
 class _IntervalAttnFunc(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, lo, hi, plan, scale):
@@ -212,10 +227,7 @@ class _IntervalAttnFunc(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, dlse):
         q, k, v, out, lse = ctx.saved_tensors
-        if dout is None:
-            dout = torch.zeros_like(out)
-        if dlse is not None and not bool(dlse.ne(0).any()):
-            dlse = None
+        dout, dlse = backward_inputs(out, dout, dlse)
         dk = torch.zeros(k.shape, dtype=out.dtype, device=k.device)
         dv = torch.zeros(v.shape, dtype=out.dtype, device=v.device)
         args = (ctx.lo, ctx.hi, ctx.plan, ctx.scale, dout, out, lse, dlse, dk, dv)

@@ -22,7 +22,7 @@ import torch
 
 from megatron_ext.ops.documents import document_lengths
 
-__all__ = ["Meta", "cat_meta", "offset_metas", "rope_length", "token_meta"]
+__all__ = ["Meta", "call_metas", "cat_meta", "offset_metas", "rope_length", "token_meta"]
 
 
 class Meta(NamedTuple):
@@ -143,3 +143,37 @@ def offset_metas(
         return Meta(qpos, torch.zeros_like(qpos), qlen), km
     rows = slice(q_offset, q_offset + sq)
     return Meta(pos[:, rows], run[:, rows], km.lengths[:, rows]), km
+
+
+def call_metas(
+    batch: int,
+    sq: int,
+    sk: int,
+    *,
+    q_positions: torch.Tensor | None,
+    k_positions: torch.Tensor | None,
+    q_doc_ids: torch.Tensor | None,
+    k_doc_ids: torch.Tensor | None,
+    q_offset: int,
+    doc_ids: torch.Tensor | None,
+    seq_len: int | None = None,
+) -> tuple[Meta, Meta]:
+    """Query and key Meta of a public op called in either form (and only one of them).
+
+    Explicit form: ``q_positions`` / ``k_positions`` (both) with optional ``q_doc_ids`` /
+    ``k_doc_ids`` (both or neither). Index form: ``q_offset`` and ``doc_ids`` (``offset_metas``).
+    """
+    if q_positions is not None or k_positions is not None:
+        if q_positions is None or k_positions is None:
+            raise ValueError("q_positions and k_positions: give both or neither")
+        if q_offset or doc_ids is not None:
+            raise ValueError("explicit positions and the index form (q_offset, doc_ids) are "
+                             "exclusive; give one")
+        if (q_doc_ids is None) != (k_doc_ids is None):
+            raise ValueError("q_doc_ids and k_doc_ids: give both or neither")
+        return (token_meta(q_positions, q_doc_ids, batch=batch, seq_len=seq_len),
+                token_meta(k_positions, k_doc_ids, batch=batch, seq_len=seq_len))
+    if q_doc_ids is not None or k_doc_ids is not None:
+        raise ValueError("q_doc_ids / k_doc_ids go with explicit positions; the index form takes "
+                         "doc_ids")
+    return offset_metas(batch, sq, sk, q_offset=q_offset, doc_ids=doc_ids, seq_len=seq_len)

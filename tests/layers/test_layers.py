@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.distributed as dist
-from megatron.core import parallel_state as ps
 from reference_model import (
     ReferenceGPT,
     chunk_doc_ids,
@@ -36,7 +34,6 @@ from reference_model import (
 )
 
 from megatron_ext.config import load_config
-from megatron_ext.dist import init_distributed
 from megatron_ext.layers.coca_attention import CoCACoreAttention, CoCASelfAttention
 from megatron_ext.layers.core_attention import ExtCoreAttention
 from megatron_ext.layers.dual_chunk_attention import DualChunkCoreAttention
@@ -109,16 +106,6 @@ VARIANTS = [
         id="rope-gelu-bias-untied",
     ),
 ]
-
-
-@pytest.fixture(scope="module")
-def megatron_single_process():
-    """One-rank gloo group and Megatron parallel state (TP = PP = CP = 1) for this module."""
-    init_distributed()
-    ps.initialize_model_parallel(1)
-    yield
-    ps.destroy_model_parallel()
-    dist.destroy_process_group()
 
 
 def packed_batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -139,20 +139,6 @@ def _grads(fn, q, k, v, dout):
     return [out.detach(), q.grad, k.grad, v.grad]
 
 
-@pytest.fixture(scope="module")
-def megatron_single_process():
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
-
-    from megatron_ext.dist import init_distributed
-
-    init_distributed()
-    ps.initialize_model_parallel(1)
-    yield
-    ps.destroy_model_parallel()
-    dist.destroy_process_group()
-
-
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_layer_equals_op_equals_reference(megatron_single_process, case) -> None:
     name, overrides, layer, op, ref, scaling = case

@@ -14,7 +14,7 @@ import torch
 
 from megatron_ext.ops.coca.method import CoCAAttention
 from megatron_ext.ops.coca.reference import _check_args
-from megatron_ext.ops.meta import offset_metas, token_meta
+from megatron_ext.ops.meta import call_metas
 from megatron_ext.ops.rope import RopeScaling
 
 __all__ = ["coca_attn_func"]
@@ -76,22 +76,10 @@ def coca_attn_func(
         q_offset=0 if explicit else q_offset, doc_ids=None if explicit else doc_ids,
         rotary_dim=rotary_dim,
     )  # fmt: skip
-    B, Sq = q.shape[:2]
-    if explicit:
-        if q_positions is None or k_positions is None:
-            raise ValueError("q_positions and k_positions: give both or neither")
-        if q_offset or doc_ids is not None:
-            raise ValueError("explicit positions and the index form (q_offset, doc_ids) are "
-                             "exclusive; give one")
-        if (q_doc_ids is None) != (k_doc_ids is None):
-            raise ValueError("q_doc_ids and k_doc_ids: give both or neither")
-        qm = token_meta(q_positions, q_doc_ids, batch=B)
-        km = token_meta(k_positions, k_doc_ids, batch=B)
-    else:
-        if q_doc_ids is not None or k_doc_ids is not None:
-            raise ValueError("q_doc_ids / k_doc_ids go with explicit positions; the index form "
-                             "takes doc_ids")
-        qm, km = offset_metas(B, Sq, t.shape[1], q_offset=q_offset, doc_ids=doc_ids)
+    qm, km = call_metas(
+        q.shape[0], q.shape[1], t.shape[1], q_positions=q_positions, k_positions=k_positions,
+        q_doc_ids=q_doc_ids, k_doc_ids=k_doc_ids, q_offset=q_offset, doc_ids=doc_ids,
+    )  # fmt: skip
     method = CoCAAttention(form=form, theta=theta, scaling=rope_scaling, rotary_dim=rotary_dim,
                            causal=causal, softmax_scale=scale)
     out = method(q, t, v, q_meta=qm, k_meta=km, rope_len=seq_len, return_lse=return_lse)

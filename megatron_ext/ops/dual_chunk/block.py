@@ -22,6 +22,7 @@ from megatron_ext.ops.dual_chunk.positions import (
 )
 from megatron_ext.ops.dual_chunk.rotary import rope_tables, rotate, rotate_by_tables
 from megatron_ext.ops.intervals import (
+    backward_inputs,
     interval_backward,
     interval_forward,
     plan_intervals,
@@ -196,10 +197,7 @@ class _DualChunkPassesFunc(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, dlse):
         q, k_rot, v, out, lse = ctx.saved_tensors
-        if dout is None:
-            dout = torch.zeros_like(out)
-        if dlse is not None and not bool(dlse.ne(0).any()):
-            dlse = None  # the common case (lse unused downstream): no extra D term
+        dout, dlse = backward_inputs(out, dout, dlse)
         dq = torch.zeros(q.shape, dtype=out.dtype, device=q.device)
         dk = torch.zeros(k_rot.shape, dtype=out.dtype, device=k_rot.device)
         dv = torch.zeros(v.shape, dtype=out.dtype, device=v.device)

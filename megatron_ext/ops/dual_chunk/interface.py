@@ -14,7 +14,7 @@ import torch
 
 from megatron_ext.ops.dual_chunk.method import DCAParams, DualChunkAttention
 from megatron_ext.ops.dual_chunk.positions import check_qkv
-from megatron_ext.ops.meta import offset_metas, token_meta
+from megatron_ext.ops.meta import call_metas
 from megatron_ext.ops.rope import RopeScaling
 
 __all__ = ["dual_chunk_attn_func"]
@@ -89,22 +89,8 @@ def dual_chunk_attn_func(
     if seq_len is not None and (isinstance(seq_len, bool) or not isinstance(seq_len, int)
                                 or seq_len < 1):
         raise ValueError(f"seq_len={seq_len!r}; expected None or an int >= 1")
-    B, Sq = q.shape[:2]
-    Sk = k.shape[1]
-    if q_positions is not None or k_positions is not None:
-        if q_positions is None or k_positions is None:
-            raise ValueError("q_positions and k_positions: give both or neither")
-        if q_offset or doc_ids is not None:
-            raise ValueError("explicit positions and the index form (q_offset, doc_ids) are "
-                             "exclusive; give one")
-        if (q_doc_ids is None) != (k_doc_ids is None):
-            raise ValueError("q_doc_ids and k_doc_ids: give both or neither")
-        qm = token_meta(q_positions, q_doc_ids, batch=B, seq_len=seq_len)
-        km = token_meta(k_positions, k_doc_ids, batch=B, seq_len=seq_len)
-    else:
-        if q_doc_ids is not None or k_doc_ids is not None:
-            raise ValueError("q_doc_ids / k_doc_ids go with explicit positions; the index form "
-                             "takes doc_ids")
+    B, Sq, Sk = q.shape[0], q.shape[1], k.shape[1]
+    if q_positions is None and k_positions is None:
         if not isinstance(q_offset, int) or q_offset < 0:
             raise ValueError(f"q_offset={q_offset!r}; expected an int >= 0")
         if q_offset + Sq > Sk:
@@ -112,7 +98,10 @@ def dual_chunk_attn_func(
                 f"q_offset + Sq = {q_offset} + {Sq} > Sk = {Sk}; every query row must also be a "
                 "key (keys 0..Sk-1 include the queries, as in a KV cache)"
             )
-        qm, km = offset_metas(B, Sq, Sk, q_offset=q_offset, doc_ids=doc_ids, seq_len=seq_len)
+    qm, km = call_metas(
+        B, Sq, Sk, q_positions=q_positions, k_positions=k_positions, q_doc_ids=q_doc_ids,
+        k_doc_ids=k_doc_ids, q_offset=q_offset, doc_ids=doc_ids, seq_len=seq_len,
+    )  # fmt: skip
     method = DualChunkAttention(params, theta=theta, scaling=rope_scaling, rotary_dim=rotary_dim,
                                 softmax_scale=softmax_scale)
     out = method(q, k, v, q_meta=qm, k_meta=km, rope_len=seq_len, return_lse=return_lse)
