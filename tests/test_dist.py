@@ -1,9 +1,12 @@
 """Distributed init: launcher env parsing (faked environments) and real 2-process launches.
 
 The unit tests feed `read_launcher_env` the exact variables each launcher sets; the
-`distributed` tests start tests/dist/smoke.py under torchrun, the deepspeed launcher, Open MPI's
-mpirun and SLURM's srun (a one-node cluster from launch/slurm_local_cluster.sh) and assert
-that both ranks agree on rank, world size, backend and an all-reduce.
+`distributed` tests start tests/dist/smoke.py through the scripts in launch/ (torchrun, the
+deepspeed launcher, Open MPI's mpirun as root, sbatch + srun on a one-node cluster from
+launch/slurm_local_cluster.sh), from a directory outside the checkout, and assert the exact
+rank, world size, local rank, backend, the all-reduced sum (1 + 2 = 3) and the arguments each
+rank received. Two-node runs are simulated on one machine: two torchrun agents with
+`--nnodes 2`, and two deepspeed launchers sharing a hostfile with `--no_ssh`.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -123,59 +127,110 @@ def test_pick_backend() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# real launches
+# real launches, through the scripts in launch/, started from a directory outside the checkout
 
 
-def _clean_env(tmp_path: Path) -> dict[str, str]:
+LAUNCH = REPO / "launch"
+
+
+def _clean_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     env = launcher_free_env()
+    for key in ("MEGATRON_EXT_HOME", "ENTRY", "CONFIG", "HOSTFILE", "LAUNCHER", "NGPU", "NPROC",
+                "NNODES", "NODE_RANK", "NP"):
+        env.pop(key, None)
     env["SMOKE_OUT_DIR"] = str(tmp_path)
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env["ENTRY"] = "smoke"  # tests/dist/smoke.py, run as `python -m smoke` by every launcher
+    env["PYTHONPATH"] = str(SMOKE.parent) + os.pathsep + str(REPO)
+    env["MASTER_PORT"] = str(free_port())
+    env.update(extra)
     return env
 
 
-def _check(tmp_path: Path, launcher: str) -> list[dict]:
+def _elsewhere(tmp_path: Path) -> Path:
+    cwd = tmp_path / "elsewhere"
+    cwd.mkdir(exist_ok=True)
+    return cwd
+
+
+def _check(tmp_path: Path, launcher: str, local_ranks: tuple[int, int] = (0, 1),
+           config: bool = True) -> list[dict]:
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     for r, res in enumerate(results):
         assert res["launcher"] == launcher
-        assert (res["rank"], res["world_size"], res["local_rank"]) == (r, 2, r)
+        assert (res["rank"], res["world_size"], res["local_rank"]) == (r, 2, local_ranks[r])
         assert res["backend"] == "gloo"
         assert res["sum"] == 3.0
+        if config:  # what the launcher script passes on, with the checkout's default config
+            assert res["argv"][-2:] == ["--config", str(REPO / "configs/run/tiny.yaml")]
     return results
 
 
-def _run(cmd: list[str], env: dict[str, str]) -> None:
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+def _run(cmd: list[str], env: dict[str, str], cwd: Path | None = None) -> str:
+    proc = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, f"{cmd} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout + proc.stderr
+
+
+def _run_nodes(cmd: list[str], envs: list[dict[str, str]], cwd: Path) -> None:
+    """Start one launcher per simulated node at once; all must exit 0."""
+    procs = [subprocess.Popen(cmd, env=e, cwd=cwd, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for e in envs]
+    try:
+        outs = [p.communicate(timeout=240)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for i, (p, out) in enumerate(zip(procs, outs)):
+        assert p.returncode == 0, f"node {i} of {cmd} failed:\n{out[-3000:]}"
 
 
 @pytest.mark.distributed
 def test_torchrun_two_ranks(tmp_path: Path) -> None:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", str(free_port()), str(SMOKE)]
-    _run(cmd, _clean_env(tmp_path))
+    _run(["bash", str(LAUNCH / "torchrun.sh")], _clean_env(tmp_path, NPROC="2"),
+         cwd=_elsewhere(tmp_path))
     _check(tmp_path, "torchrun")
+
+
+@pytest.mark.distributed
+def test_torchrun_two_nodes_simulated(tmp_path: Path) -> None:
+    """Two torchrun agents with --nnodes 2 (static rendezvous at node 0), one rank each."""
+    port = str(free_port())
+    envs = [_clean_env(tmp_path, NNODES="2", NPROC="1", NODE_RANK=str(i),
+                       MASTER_ADDR="127.0.0.1", MASTER_PORT=port) for i in range(2)]
+    _run_nodes(["bash", str(LAUNCH / "torchrun.sh")], envs, _elsewhere(tmp_path))
+    _check(tmp_path, "torchrun", local_ranks=(0, 0))
 
 
 @pytest.mark.distributed
 @pytest.mark.skipif(shutil.which("mpirun") is None, reason="Open MPI (mpirun) not installed")
 def test_mpirun_two_ranks(tmp_path: Path) -> None:
-    env = _clean_env(tmp_path)
-    env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
-               OMPI_MCA_rmaps_base_oversubscribe="1", MASTER_PORT=str(free_port()))
-    _run(["mpirun", "-n", "2", "-x", "MASTER_PORT", "-x", "SMOKE_OUT_DIR", "-x", "PYTHONPATH",
-          sys.executable, str(SMOKE)], env)
+    # launcher_free_env drops every OMPI_* variable: launch/mpirun.sh must allow root itself
+    assert os.geteuid() != 0 or "OMPI_ALLOW_RUN_AS_ROOT" not in _clean_env(tmp_path)
+    _run(["bash", str(LAUNCH / "mpirun.sh")], _clean_env(tmp_path, NP="2"),
+         cwd=_elsewhere(tmp_path))
     _check(tmp_path, "openmpi")
 
 
 @pytest.mark.distributed
 def test_deepspeed_launcher_two_ranks(tmp_path: Path) -> None:
-    ds = Path(sys.executable).with_name("deepspeed")
-    if not ds.exists():
-        pytest.fail("the deepspeed launcher script is missing from the environment")
-    _run([str(ds), "--num_gpus", "2", "--master_port", str(free_port()), str(SMOKE)],
-         _clean_env(tmp_path))
+    _run(["bash", str(LAUNCH / "deepspeed.sh")], _clean_env(tmp_path, NGPU="2"),
+         cwd=_elsewhere(tmp_path))
     results = _check(tmp_path, "deepspeed")
     assert all(any(a.startswith("--local_rank") for a in r["argv"]) for r in results)
+
+
+@pytest.mark.distributed
+def test_deepspeed_launcher_two_nodes_no_ssh(tmp_path: Path) -> None:
+    """The deepspeed launcher's multi-node path: one hostfile, one launcher per node with
+    --no_ssh --node_rank, rendezvous at node 0."""
+    cwd = _elsewhere(tmp_path)
+    (cwd / "hostfile").write_text("node-a slots=1\nnode-b slots=1\n")
+    port = str(free_port())
+    envs = [_clean_env(tmp_path, HOSTFILE="hostfile", NODE_RANK=str(i),
+                       MASTER_ADDR="127.0.0.1", MASTER_PORT=port) for i in range(2)]
+    _run_nodes(["bash", str(LAUNCH / "deepspeed.sh")], envs, cwd)
+    _check(tmp_path, "deepspeed", local_ranks=(0, 0))
 
 
 def _slurm_up() -> bool:
@@ -190,6 +245,36 @@ def _slurm_up() -> bool:
 def test_srun_two_ranks(tmp_path: Path) -> None:
     # --mpi=none: our init needs only SLURM's own variables, no PMI/MPI
     _run(["srun", "-n", "2", "--overcommit", "--mpi=none", "--kill-on-bad-exit=1",
-          sys.executable, str(SMOKE)],
-         _clean_env(tmp_path))
+          sys.executable, str(SMOKE)], _clean_env(tmp_path))
+    _check(tmp_path, "slurm", config=False)
+
+
+@pytest.mark.distributed
+@pytest.mark.skipif(not _slurm_up(), reason="no SLURM cluster (launch/slurm_local_cluster.sh)")
+def test_sbatch_from_another_directory(tmp_path: Path) -> None:
+    """sbatch runs a spooled copy of launch/slurm.sbatch; it must still find the checkout."""
+    cwd = _elsewhere(tmp_path)
+    job = _run(["sbatch", "--parsable", "--overcommit", "-o", "job.out",
+                str(LAUNCH / "slurm.sbatch")], _clean_env(tmp_path), cwd=cwd).strip()
+    deadline = time.monotonic() + 240
+    while True:  # poll ourselves: `sbatch --wait` sleeps up to 30 s between its own polls
+        info = subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True,
+                              text=True).stdout
+        state = info.split("JobState=")[1].split()[0] if "JobState=" in info else "UNKNOWN"
+        if state not in ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING"):
+            break
+        assert time.monotonic() < deadline, f"job {job} still {state} after 240 s"
+        time.sleep(0.5)
+    log = (cwd / "job.out").read_text() if (cwd / "job.out").exists() else ""
+    assert state == "COMPLETED" and "ExitCode=0:0" in info, f"job {job}: {state}\n{log[-3000:]}"
+    _check(tmp_path, "slurm")
+
+
+@pytest.mark.distributed
+@pytest.mark.skipif(not _slurm_up(), reason="no SLURM cluster (launch/slurm_local_cluster.sh)")
+def test_deepspeed_launcher_slurm(tmp_path: Path) -> None:
+    """Inside an allocation, LAUNCHER=slurm: deepspeed uses no ssh, it starts ranks with srun."""
+    out = _run(["salloc", "-n", "2", "--overcommit", "bash", str(LAUNCH / "deepspeed.sh")],
+               _clean_env(tmp_path, LAUNCHER="slurm", NGPU="2"), cwd=_elsewhere(tmp_path))
+    assert "cmd = srun -n 2" in out
     _check(tmp_path, "slurm")
