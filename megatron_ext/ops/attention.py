@@ -34,7 +34,7 @@ from megatron_ext.ops.triton import triton_attention, triton_attention_supported
 
 __all__ = ["BACKENDS", "attention_func", "mask_kind"]
 
-BACKENDS = ("auto", "cpu_fused", "cpu_blockwise", "torch_blockwise", "flash_attn", "triton")
+BACKENDS = ("auto", "cpu_fused", "cpu_blockwise", "torch_blockwise", "flash_attn", "triton", "sdpa")
 
 BLOCK_Q = {"cpu_blockwise": 256, "torch_blockwise": 128}
 BLOCK_K = {"cpu_blockwise": 512, "torch_blockwise": 512}
@@ -177,6 +177,20 @@ class _FlashAttnFunc(torch.autograd.Function):
         return (*_blockwise_backward(ctx, q, k, v, out, lse, dout, dlse), *none)
 
 
+def _sdpa(q, k, v, *, causal: bool, scale: float, top_left: bool, need_lse: bool, plain: bool):
+    """PyTorch SDPA (cuDNN / flash / efficient on CUDA; math on CPU): out only, GQA native."""
+    if need_lse or not plain or not top_left:
+        raise ValueError(
+            "backend='sdpa' returns no lse and takes plain causal (Sq == Sk, q_offset 0) or full "
+            f"attention only (need_lse={need_lse}, plain mask={plain}, top-left={top_left})"
+        )
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal, scale=scale,
+        enable_gqa=q.shape[2] != k.shape[2],
+    )  # fmt: skip
+    return out.transpose(1, 2), None
+
+
 def attention_func(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -189,7 +203,8 @@ def attention_func(
     q_offset: int = 0,
     doc_ids: torch.Tensor | None = None,
     backend: str = "auto",
-) -> tuple[torch.Tensor, torch.Tensor]:
+    need_lse: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Memory-efficient exact attention; same semantics as ``attention_ref``.
 
     Query row r has absolute position ``q_offset + r`` among keys ``0..Sk-1``; with causal=True
@@ -206,10 +221,13 @@ def attention_func(
             or with doc_ids).
         doc_ids: int [B, Sk]; documents are maximal runs of equal ids.
         backend: "auto" or one of BACKENDS (see module docstring).
+        need_lse: False when the caller ignores the lse: plain causal (Sq == Sk, q_offset 0) or
+            full attention may then run on PyTorch's SDPA (cuDNN / flash), which returns none.
 
     Returns:
         out [B, Sq, H, D] in q.dtype; lse [B, H, Sq] fp32 (fp64 for fp64 inputs), -inf (and
-        out 0) on rows with no visible key. Differentiable w.r.t. q, k, v through both outputs.
+        out 0) on rows with no visible key, or None on the "sdpa" backend. Differentiable
+        w.r.t. q, k, v through both outputs.
     """
     scale = check_attn_args(
         q, k, v, causal=causal, window=window, chunk=chunk, softmax_scale=softmax_scale,
@@ -217,8 +235,13 @@ def attention_func(
     )  # fmt: skip
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r}; expected one of {BACKENDS}")
+    top_left = not causal or (q_offset == 0 and q.shape[1] == k.shape[1])
     if backend == "auto":
-        backend = resolve_backend(q, mask_kind(causal, window, chunk, doc_ids))
+        backend = resolve_backend(q, mask_kind(causal, window, chunk, doc_ids),
+                                  need_lse=need_lse or not top_left)
+    if backend == "sdpa":
+        return _sdpa(q, k, v, causal=causal, scale=scale, top_left=top_left, need_lse=need_lse,
+                     plain=window is None and chunk is None and doc_ids is None)
     plain = window is None and chunk is None and doc_ids is None
     if backend.startswith("cpu_") and (q.device.type != "cpu" or not fused_cpu_available()):
         raise ValueError(f"backend={backend!r} needs CPU tensors and torch's fused CPU kernel")

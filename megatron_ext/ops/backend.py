@@ -14,6 +14,10 @@ cpu_blockwise      the block planner's pieces on the fused CPU kernel (any other
 torch_blockwise    the planner's pieces as plain torch tiles: any device, any dtype (the twin
                    of every GPU path, and the fp32 / fp64 path on CUDA)
 flash_attn         flash-attn (CUDA, fp16 / bf16, causal / full / window) when it is installed
+sdpa               PyTorch's scaled_dot_product_attention (cuDNN / flash on CUDA): plain causal
+                   (top-left aligned) or full attention when the caller needs no lse, e.g. a
+                   layer's self-attention on one process (the issue's H200 table: cuDNN runs the
+                   forward at 1.2-1.7x and the backward at 2.1-2.3x our Triton kernel)
 triton             our Triton kernels (CUDA fp16 / bf16, head dim in ``HEAD_DIMS``): plain,
                    window, chunk and document masks, per-row key intervals (rows in
                    (document, position) order; else torch tiles), and the fused DCA kernel
@@ -53,7 +57,7 @@ __all__ = [
     "resolve_backend",
 ]
 
-BACKENDS = ("cpu_fused", "cpu_blockwise", "torch_blockwise", "flash_attn", "triton")
+BACKENDS = ("cpu_fused", "cpu_blockwise", "torch_blockwise", "flash_attn", "triton", "sdpa")
 MASKS = ("causal", "full", "window", "chunk", "documents", "intervals", "dca")
 """Mask kinds: plain causal / full; sliding window; chunked-local (possibly with documents or a
 window); documents (packed rows); intervals (per-row key ranges: CP blocks, DCA passes); dca
@@ -113,7 +117,13 @@ def _triton_takes(device: str, head_dim: int, mask: str, have: Installed) -> boo
 
 
 def choose_backend(
-    device: str, dtype: torch.dtype, head_dim: int, mask: str, have: Installed
+    device: str,
+    dtype: torch.dtype,
+    head_dim: int,
+    mask: str,
+    have: Installed,
+    *,
+    need_lse: bool = True,
 ) -> str:
     """The fastest correct backend for a problem (no override applied).
 
@@ -123,6 +133,9 @@ def choose_backend(
         head_dim: D.
         mask: one of ``MASKS``.
         have: what is installed (``installed()``).
+        need_lse: the caller uses the lse (merging partial results, returning it), or its causal
+            mask is not top-left aligned; False lets plain causal / full attention on CUDA take
+            PyTorch's SDPA, which returns none.
 
     Returns:
         One of ``BACKENDS``. For ``mask="dca"`` the answer is "triton" (the fused kernel) or
@@ -134,6 +147,8 @@ def choose_backend(
     if mask == "dca":
         fused = device == "cuda" and half and _triton_takes(device, head_dim, mask, have)
         return "triton" if fused else "torch_blockwise"
+    if device == "cuda" and not need_lse and mask in ("causal", "full"):
+        return "sdpa"
     if device == "cpu":
         if not have.fused_cpu:
             return "torch_blockwise"
@@ -172,7 +187,7 @@ def force_backend(name: str | None) -> Iterator[None]:
         _forced.reset(token)
 
 
-def resolve_backend(q: torch.Tensor, mask: str) -> str:
+def resolve_backend(q: torch.Tensor, mask: str, *, need_lse: bool = True) -> str:
     """The backend for an input like ``q`` [B, S, H, D] and a mask kind: override or choice.
 
     Logs "attention backend: ..." once per distinct (choice, device, dtype, head dim, mask).
@@ -181,7 +196,8 @@ def resolve_backend(q: torch.Tensor, mask: str) -> str:
     name = forced_backend()
     how = "forced"
     if name is None:
-        name = choose_backend(q.device.type, q.dtype, q.shape[-1], mask, installed())
+        name = choose_backend(q.device.type, q.dtype, q.shape[-1], mask, installed(),
+                              need_lse=need_lse)
         how = "auto"
     key = (name, q.device.type, q.dtype, q.shape[-1], mask)
     if key not in _logged:

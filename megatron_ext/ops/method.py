@@ -147,11 +147,12 @@ class AttentionMethod:
 
     def local_block(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qm: Meta, km: Meta,
-        rope_len: int,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        rope_len: int, need_lse: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The whole problem on one process: the plain packed layout takes ``attention_func``
-        (whose backend dispatch reaches the fused CPU kernel, flash-attn or Triton), anything
-        else the block function. Output in q's dtype, lse fp32."""
+        (whose backend dispatch reaches the fused CPU kernel, SDPA, flash-attn or Triton),
+        anything else the block function. Output in q's dtype, lse fp32 (None when not needed
+        and the backend gives none)."""
         off = standard_offset(qm, km, from_zero=self.chunk is not None)
         if off is None:
             return self.block(q, k, v, qm, km, rope_len)
@@ -159,7 +160,7 @@ class AttentionMethod:
         return attention_func(
             q, k, v, causal=self.causal, window=self.window, chunk=self.chunk,
             softmax_scale=self.softmax_scale, q_offset=off,
-            doc_ids=km.doc_ids.to(q.device) if multi else None,
+            doc_ids=km.doc_ids.to(q.device) if multi else None, need_lse=need_lse,
         )  # fmt: skip
 
     def sees_any(self, qm: Meta, km: Meta) -> bool:
@@ -196,7 +197,7 @@ class AttentionMethod:
             rope_len = rope_length([q_meta.positions, k_meta.positions])
         q = self.prepare_q(q, q_meta, rope_len)
         k, v = self.prepare_kv(k, v, k_meta, rope_len)
-        out, lse = self.local_block(q, k, v, q_meta, k_meta, rope_len)
+        out, lse = self.local_block(q, k, v, q_meta, k_meta, rope_len, need_lse=return_lse)
         out = out.to(v.dtype)
         return (out, lse) if return_lse else out
 

@@ -176,7 +176,7 @@ def test_layer_runs_the_method_it_built(megatron_single_process) -> None:
                                             core.method.dca.original_max_position_embeddings)
     calls = []
     real = core.method.local_block
-    core.method.local_block = lambda *a: calls.append(1) or real(*a)
+    core.method.local_block = lambda *a, **kw: calls.append(1) or real(*a, **kw)
     pos, doc = _batch()
     x = torch.randn(S, B, H, D, dtype=F64)
     kv = torch.randn(S, B, HKV, D, dtype=F64)
@@ -200,3 +200,32 @@ def test_layer_refusals(megatron_single_process) -> None:
 
     with pytest.raises(TypeError, match="not thd packing"):
         core(x, kv, kv, None, packed_seq_params=PackedSeqParams(qkv_format="thd"))
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c[0] in ("rope", "coca-slack")],
+                         ids=lambda c: c[0])
+def test_layer_on_sdpa_equals_reference(megatron_single_process, case) -> None:
+    """A layer's self-attention needs no lse, so plain causal rows may run on PyTorch's SDPA
+    (chosen on CUDA; forced here on CPU, where SDPA is its CPU twin): one document per row."""
+    from megatron_ext.ops import force_backend
+
+    name, overrides, layer, _, ref, scaling = case
+    cfg = load_config(None, [*TINY, *overrides])
+    core = build_gpt_model(cfg.model, cfg.attention, vocab_size=64).decoder.layers[0]
+    core = core.self_attention.core_attention
+    pos, doc = torch.arange(S).expand(B, S), torch.zeros(B, S, dtype=torch.long)
+    q = torch.randn(B, S, H, D, dtype=F64)
+    k, v = (torch.randn(B, S, HKV, D, dtype=F64) for _ in range(2))
+    dout = torch.randn(B, S, H, D, dtype=F64)
+
+    def via_layer(q, k, v):
+        out = core(*(x.transpose(0, 1) for x in (q, k, v)), None,
+                   packed_seq_params=SequenceInfo(positions=pos))
+        return out.reshape(S, B, H, D).transpose(0, 1)
+
+    with force_backend("sdpa"):
+        got = _grads(via_layer, q, k, v, dout)
+    want = _grads(lambda q, k, v: ref(q, k, v, pos, doc, layer=1, cfg=cfg, scaling=scaling),
+                  q, k, v, dout)
+    for n, a, b in zip(("out", "dq", "dk", "dv"), got, want):
+        assert (a - b).abs().max().item() <= TOL, (name, n)

@@ -34,9 +34,12 @@ GPU_TRITON = Installed(fused_cpu=True, triton=True)
 INTERPRETED = Installed(fused_cpu=True, triton=True, triton_interpreted=True)
 
 
-def _expected(device: str, dtype: torch.dtype, d: int, mask: str, have: Installed) -> str:
+def _expected(device: str, dtype: torch.dtype, d: int, mask: str, have: Installed,
+              need_lse: bool = True) -> str:
     """The rule, written independently of the implementation's control flow."""
     half = dtype in (BF16, F16)
+    if device == "cuda" and not need_lse and mask in ("causal", "full"):
+        return "sdpa"
     triton_ok = (
         have.triton
         and d in (16, 32, 64, 128, 256)
@@ -58,12 +61,13 @@ def _expected(device: str, dtype: torch.dtype, d: int, mask: str, have: Installe
 @pytest.mark.parametrize("have", [NOTHING, CPU_FUSED, GPU_ALL, GPU_TRITON, INTERPRETED],
                          ids=["nothing", "cpu-fused", "gpu-all", "gpu-triton", "interpreted"])
 def test_choice_on_every_case(have: Installed) -> None:
-    for device, dtype, d, mask in itertools.product(
-        ("cpu", "cuda", "mps"), (BF16, F16, F32, F64), (64, 80, 128), MASKS
+    for device, dtype, d, mask, need_lse in itertools.product(
+        ("cpu", "cuda", "mps"), (BF16, F16, F32, F64), (64, 80, 128), MASKS, (True, False)
     ):
-        got = choose_backend(device, dtype, d, mask, have)
+        got = choose_backend(device, dtype, d, mask, have, need_lse=need_lse)
         assert got in BACKENDS
-        assert got == _expected(device, dtype, d, mask, have), (device, dtype, d, mask)
+        want = _expected(device, dtype, d, mask, have, need_lse)
+        assert got == want, (device, dtype, d, mask, need_lse)
 
 
 def test_known_cases() -> None:
@@ -77,6 +81,9 @@ def test_known_cases() -> None:
     assert choose_backend("cuda", F32, 128, "causal", GPU_ALL) == "torch_blockwise"
     assert choose_backend("cuda", BF16, 128, "intervals", GPU_ALL) == "triton"
     assert choose_backend("cuda", F32, 128, "intervals", GPU_ALL) == "torch_blockwise"
+    assert choose_backend("cuda", BF16, 128, "causal", GPU_ALL, need_lse=False) == "sdpa"
+    assert choose_backend("cuda", BF16, 128, "documents", GPU_ALL, need_lse=False) == "triton"
+    assert choose_backend("cpu", F32, 64, "causal", CPU_FUSED, need_lse=False) == "cpu_fused"
     assert choose_prologue("cuda", BF16, GPU_ALL) == "triton"
     assert choose_prologue("cuda", F64, GPU_ALL) == "torch"
     assert choose_prologue("cpu", F32, INTERPRETED) == "torch"
@@ -129,3 +136,27 @@ def test_choice_is_logged_once(caplog: pytest.LogCaptureFixture) -> None:
             backend.resolve_backend(q, "causal")
     lines = [r.message for r in caplog.records if "attention backend" in r.message]
     assert lines == ["attention backend: cpu_fused (auto) for cpu float32 head_dim=8 mask=causal"]
+
+
+def test_sdpa_backend_matches_reference() -> None:
+    """The SDPA path (its CPU twin here): out and gradients of plain causal / full attention
+    with GQA equal the reference; asked for an lse or a mask it cannot take, it refuses."""
+    from megatron_ext.ops import attention_ref
+
+    q = torch.randn(2, 19, 4, 16, dtype=F64, requires_grad=True)
+    k, v = (torch.randn(2, 19, 2, 16, dtype=F64, requires_grad=True) for _ in range(2))
+    for causal in (True, False):
+        out, lse = attention_func(q, k, v, causal=causal, backend="sdpa", need_lse=False)
+        want, _ = attention_ref(q, k, v, causal=causal)
+        assert lse is None
+        torch.testing.assert_close(out, want, atol=1e-10, rtol=0)
+        g = torch.autograd.grad(out.sum(), (q, k, v))
+        gw = torch.autograd.grad(want.sum(), (q, k, v))
+        for a, b in zip(g, gw):
+            torch.testing.assert_close(a, b, atol=1e-10, rtol=0)
+    with pytest.raises(ValueError, match="returns no lse"):
+        attention_func(q, k, v, backend="sdpa")
+    with pytest.raises(ValueError, match="plain mask=False"):
+        attention_func(q, k, v, backend="sdpa", need_lse=False, window=3)
+    with pytest.raises(ValueError, match="top-left=False"):
+        attention_func(q[:, :5], k, v, q_offset=14, backend="sdpa", need_lse=False)

@@ -138,7 +138,7 @@ class DualChunkAttention(AttentionMethod):
 
     def local_block(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qm: Meta, km: Meta,
-        rope_len: int,
+        rope_len: int, need_lse: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         off = standard_offset(qm, km)
         one_doc = off is not None and not bool((km.doc_ids != km.doc_ids[:, :1]).any())
