@@ -2,7 +2,7 @@
 
     python -m megatron_ext.data.build_corpus [--out megatron_ext/data/assets] [--debs DIR]
 
-Recipe of ../shared/EVAL.md sections 1-2, with no R and no network beyond `apt-get download`:
+Recipe of docs/data.md (contents, split, provenance), with no R and no network beyond `apt-get download`:
 
 - Austen: the six novels of `r-cran-janeaustenr`, decoded from the package's lazy-load
   database (`data/Rdata.rdx` / `.rdb`) by `rdata.py`; one document per novel, the package's
@@ -70,7 +70,7 @@ Phmn:Philemon  Heb:Hebrews  Jas:James  1Pet:1 Peter  2Pet:2 Peter  1Jn:1 John  2
 """
 KJV_BOOKS = tuple(tuple(e.split(":")) for e in re.split(r"\s{2,}|\n", _KJV_TABLE.strip()))
 KJV_VERSES = 31102
-# Held-out books (../shared/EVAL.md section 2); everything else is train.
+# Held-out books (docs/data.md, "Contents and split"); everything else is train.
 TEST_IDS = frozenset(
     ("austen/emma", "austen/persuasion")
     + ("kjv/joshua", "kjv/psalms", "kjv/isaiah", "kjv/luke", "kjv/acts")
@@ -82,7 +82,7 @@ _DICT_B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
 
 
 def split_of(doc_id: str) -> str:
-    """The split a document belongs to (../shared/EVAL.md section 2): "train", "dev" or "test"."""
+    """The split a document belongs to (docs/data.md): "train", "dev" or "test"."""
     return "test" if doc_id in TEST_IDS else "dev" if doc_id in DEV_IDS else "train"
 
 

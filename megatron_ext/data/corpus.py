@@ -3,7 +3,7 @@
 The corpus ships as one file, `assets/corpus.jsonl.xz`: xz-compressed JSON Lines, one object per
 document with the keys `id`, `title`, `source`, `split` and `text`. `build_corpus.py` rebuilds it
 from Debian packages; docs/data.md gives provenance, licences, sizes and the split (held-out
-books per ../shared/EVAL.md section 2). This module only reads it.
+books, never trained on). This module only reads it.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
     python -m megatron_ext.data.train_tokenizer [--vocab-size 4096] [--out PATH]
 
-Recipe of ../shared/EVAL.md section 3 with `tokenizers`: `models.BPE`, pre-tokenizer
+Recipe of docs/data.md ("Tokenizer") with `tokenizers`: `models.BPE`, pre-tokenizer
 `Sequence([Digits(individual_digits=True), ByteLevel(add_prefix_space=False)])`, ByteLevel
 decoder, special token `<|endoftext|>`, `min_frequency=2`, the 256 byte symbols as the initial
 alphabet (so any string encodes, even with characters the corpus lacks), and the text fed in
