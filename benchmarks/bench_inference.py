@@ -145,26 +145,30 @@ def main() -> None:
         return
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--lengths", type=int, nargs="+",
-                   default=[8192, 16384, 32768, 65536, 131072])
+                   default=[8192, 16384, 32768, 65536, 131072])  # sorted below
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-write", action="store_true", help="print only")
     args = p.parse_args()
+    args.lengths = sorted(args.lengths)
     rows = []
-    for length in args.lengths:
+    for length in args.lengths:  # shortest first; the table is rewritten after each length
         for method in args.methods:
             r = _child(method, length, args.device)
             rows.append(r)
             print(f"{method:10s} S={length:>7,} prefill {r['prefill_tok_s']:>9,.0f} tok/s  "
                   f"decode {r['decode_tok_s']:>7,.1f} tok/s  cache {r['cache_mib']:>7,.1f} MiB  "
                   f"peak {r['peak_mib']:>7,.0f} MiB  ({r['wall_s']:.0f} s)", flush=True)
-    if args.no_write:
-        return
+        if not args.no_write:
+            _write(rows, args.device)
+
+
+def _write(rows: list[dict], device: str) -> None:
     from doc_tables import DOC, write_section
 
     _plot(rows, DOC.parent / "bench_inference.png")
     write_section("inference", "Inference: prefill, decode and memory per method",
-                  _table(rows, args.device))
+                  _table(rows, device))
 
 
 if __name__ == "__main__":

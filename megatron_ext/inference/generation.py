@@ -153,7 +153,6 @@ def generate_tokens(
                     done[b] = True
                 else:
                     out[b].append(tok)
-        stats.new_tokens += sum(not d for d in done)
         if all(done) or step == max_new_tokens - 1:
             break
         h = session.feed(nxt[:, None], (lens + step)[:, None])
