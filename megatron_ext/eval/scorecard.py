@@ -67,6 +67,8 @@ def train_models(plan: dict, *, force: bool = False) -> None:
         if (out / "checkpoints" / "latest").exists() and not force:
             continue
         sets = ["--set", f"train.out_dir={out}"]
+        for item in m.get("train_set", []):  # e.g. a shorter schedule for a quick plan
+            sets += ["--set", str(item)]
         nproc = int(m.get("nproc", 1))
         launch = ([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"]
                   if nproc > 1 else [sys.executable])
