@@ -214,10 +214,12 @@ def test_mpirun_two_ranks(tmp_path: Path) -> None:
 
 @pytest.mark.distributed
 def test_deepspeed_launcher_two_ranks(tmp_path: Path) -> None:
-    _run(["bash", str(LAUNCH / "deepspeed.sh")], _clean_env(tmp_path, NGPU="2"),
-         cwd=_elsewhere(tmp_path))
+    env = _clean_env(tmp_path, NGPU="2")
+    del env["OMP_NUM_THREADS"]  # the deepspeed launcher does not set it: launch/deepspeed.sh must
+    _run(["bash", str(LAUNCH / "deepspeed.sh")], env, cwd=_elsewhere(tmp_path))
     results = _check(tmp_path, "deepspeed")
     assert all(any(a.startswith("--local_rank") for a in r["argv"]) for r in results)
+    assert [(r["omp_num_threads"], r["torch_threads"]) for r in results] == [("1", 1)] * 2
 
 
 @pytest.mark.distributed

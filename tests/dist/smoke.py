@@ -28,6 +28,8 @@ def main() -> None:
         "backend": dist.get_backend(),
         "sum": t.item(),
         "argv": sys.argv[1:],
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "torch_threads": torch.get_num_threads(),
     }
     with open(os.path.join(os.environ["SMOKE_OUT_DIR"], f"rank{info.rank}.json"), "w") as f:
         json.dump(out, f)
