@@ -12,10 +12,9 @@ The cached forward never computes attention itself: it asks this module for a la
 - the LongHeads pieces (chunk-local key rotation, summaries, selection, selected attention)
   and the whole-sequence LongHeads op used by the uncached forward.
 
-The method objects are the public ``megatron_ext.ops`` ones (``RopeAttention``,
-``DualChunkAttention``, ``CoCAAttention``), built here from the layer's resolved settings
-(``ExtTransformerConfig.layer_attention``) exactly as the training layers build theirs, so a
-cached forward and ``gpt_forward`` run the same maths. When an op's signature changes, this is
+The method objects are the ones the model's own layers built (``core_attention.method``:
+``RopeAttention``, ``DualChunkAttention``, ``CoCAAttention``), so a cached forward and
+``gpt_forward`` run the same objects and the same maths. When an op's signature changes, this is
 the only inference file that changes.
 """
 
@@ -32,7 +31,6 @@ from megatron_ext.ops import (
     CoCAAttention,
     DualChunkAttention,
     Meta,
-    Rope,
     RopeAttention,
     apply_rope,
     block_attention,
@@ -159,7 +157,7 @@ class LayerMethod:
 
 def layer_method(
     config: ExtTransformerConfig, layer_number: int, variant: str,
-    longheads: LongHeadsConfig | None = None,
+    longheads: LongHeadsConfig | None = None, method: AttentionMethod | None = None,
 ) -> LayerMethod:
     """The inference attention of one layer (1-based ``layer_number``).
 
@@ -168,6 +166,8 @@ def layer_method(
         layer_number: Megatron's 1-based layer number.
         variant: the run's ``attention.variant`` (one of ``METHODS``).
         longheads: the LongHeads section (variant "longheads").
+        method: the method object the layer built (``core_attention.method``): the cache runs
+            exactly what training runs. Needed for every variant but LongHeads.
 
     Raises:
         ValueError: an unknown variant, or a setting the method cannot run with.
@@ -176,11 +176,9 @@ def layer_method(
         raise ValueError(f"attention.variant={variant!r}; expected one of {', '.join(METHODS)}")
     layer = config.layer_attention(layer_number)
     scale = config.softmax_scale
-    theta = config.rotary_base
-    scaling = config.rope_scaling_ops()
-    base = {"layer_number": layer_number, "theta": theta, "softmax_scale": scale}
+    base = {"layer_number": layer_number, "theta": config.rotary_base, "softmax_scale": scale}
     if variant == "longheads" and layer.rope:
-        if scaling is not None or config.rotary_percent != 1.0:
+        if config.rope_scaling is not None or config.rotary_percent != 1.0:
             raise ValueError("attention.variant='longheads' re-lays positions with plain RoPE "
                              f"on the whole head; rope_scaling={config.rope_scaling} and "
                              f"rotary_percent={config.rotary_percent} are not supported")
@@ -189,26 +187,16 @@ def layer_method(
                              f"{layer.kind}")
         return LayerMethod(kind="longheads", method=None, cache="longheads",
                            longheads=longheads or LongHeadsConfig(), **base)
-    if config.attention_variant == "dca" and layer.rope:
-        method = DualChunkAttention(config.dca, theta=theta, scaling=scaling,
-                                    rotary_dim=int(config.kv_channels * config.rotary_percent),
-                                    softmax_scale=scale)
+    if method is None:
+        raise ValueError(f"layer {layer_number}: pass the layer's method object "
+                         "(core_attention.method)")
+    if isinstance(method, DualChunkAttention):
         return LayerMethod(kind="dca", method=method, cache="full", **base)
-    if config.attention_variant == "coca":
-        method = CoCAAttention(form=config.coca_form, theta=theta, scaling=scaling, causal=True,
-                               softmax_scale=scale)
+    if isinstance(method, CoCAAttention):
         return LayerMethod(kind="coca", method=method, cache="full", **base)
-    rope = None
-    if layer.rope:
-        rope = Rope(theta=theta, rotary_dim=int(config.kv_channels * config.rotary_percent),
-                    scaling=scaling)
-    method = RopeAttention(
-        rope=rope, window=layer.window, chunk=layer.chunk,
-        temperature=None if layer.rope else layer.temperature,
-        qk_l2_norm_eps=config.layernorm_epsilon if layer.qk_l2_norm else None,
-        softmax_scale=scale,
-    )  # fmt: skip
-    size = layer.window if layer.window is not None else layer.chunk
+    if not isinstance(method, RopeAttention):
+        raise ValueError(f"layer {layer_number}: no KV cache for {type(method).__name__}")
+    size = method.window if method.window is not None else method.chunk
     return LayerMethod(kind=layer.kind, method=method, cache="full" if size is None else "ring",
                        size=size, **base)
 

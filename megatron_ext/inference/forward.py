@@ -51,7 +51,8 @@ class CachedModel:
         self.model = model
         self.variant = variant
         self.layers: list[LayerMethod] = [
-            layer_method(cfg, layer.layer_number, variant, longheads)
+            layer_method(cfg, layer.layer_number, variant, longheads,
+                         method=getattr(layer.self_attention.core_attention, "method", None))
             for layer in model.decoder.layers
         ]
         self.heads = cfg.num_attention_heads

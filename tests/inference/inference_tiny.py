@@ -33,6 +33,10 @@ METHODS = {
     "dca": ["attention.variant=dca",
             "attention.dca={chunk_size: 10, local_size: 3, original_max_position_embeddings: 8}"],
     "coca": ["attention.variant=coca"],
+    "coca-neox-partial": ["attention.variant=coca", "attention.rotary_percent=0.5"],
+    "dca-chunkllama-partial": ["attention.variant=dca", "attention.rotary_percent=0.5",
+                               "attention.dca={chunk_size: 10, local_size: 3, "
+                               "scaling_factor: 2.0, extension_factor: 4.0}"],
     "longheads": ["attention.variant=longheads",
                   "attention.longheads={chunk_len: 4, num_chunks: 3}"],
 }
