@@ -167,7 +167,7 @@ class DeepSpeedEngine:
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config,
             mpu=mpu, dist_init_required=False)
         if self.stage == 3:  # the chunked loss reads output weights outside their module
-            from deepspeed.zero import register_external_parameter
+            from deepspeed.runtime.zero.partition_parameters import register_external_parameter
 
             module = self.engine.module
             weights = [module.shared_embedding_or_output_weight()] \
@@ -175,6 +175,7 @@ class DeepSpeedEngine:
             for w in weights:
                 register_external_parameter(module, w)
         self.module = self.engine.module
+        self.runner = self.engine  # forward through the engine: ZeRO tracks micro-steps there
         self._lr = lr_at(0, cfg.train)
         self.params = [p for p in self.module.parameters() if p.requires_grad]
 

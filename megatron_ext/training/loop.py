@@ -252,7 +252,7 @@ def _train(cfg: RunConfig, mode: str, source: Path | None, notes: list[str], *,
         from megatron_ext.training.optim import PlainEngine
 
         engine = PlainEngine(model, t, dp_cp_group=dp_cp_group, tp_group=tp_group)
-    model = engine.module
+    model = engine.runner  # the module, or the DeepSpeed engine wrapping it
     stream = BatchStream(data.train, t.micro_batch_size, seed=t.seed, dp_rank=dp_rank,
                          dp_size=dp_size)
     layout = {"world_size": dist.get_world_size(), "tensor_parallel_size": cfg.parallel

@@ -78,6 +78,7 @@ class PlainEngine:
             raise ValueError("train.dtype='fp16' needs dynamic loss scaling, which only the "
                              "DeepSpeed path has: set deepspeed.enabled=true, or use bf16/fp32")
         self.module = model
+        self.runner = model  # what the loop calls forward on
         self.cfg = cfg
         self.dp_cp_group, self.tp_group = dp_cp_group, tp_group
         self.params = [p for p in model.parameters() if p.requires_grad]
