@@ -223,6 +223,7 @@ def test_deepspeed_launcher_two_ranks(tmp_path: Path) -> None:
 
 
 @pytest.mark.distributed
+@pytest.mark.slow
 def test_deepspeed_launcher_two_nodes_no_ssh(tmp_path: Path) -> None:
     """The deepspeed launcher's multi-node path: one hostfile, one launcher per node with
     --no_ssh --node_rank, rendezvous at node 0."""
@@ -273,6 +274,7 @@ def test_sbatch_from_another_directory(tmp_path: Path) -> None:
 
 
 @pytest.mark.distributed
+@pytest.mark.slow
 @pytest.mark.skipif(not _slurm_up(), reason="no SLURM cluster (launch/slurm_local_cluster.sh)")
 def test_deepspeed_launcher_slurm(tmp_path: Path) -> None:
     """Inside an allocation, LAUNCHER=slurm: deepspeed uses no ssh, it starts ranks with srun."""

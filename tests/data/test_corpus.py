@@ -1,7 +1,7 @@
 """The shipped corpus and the readers that build and load it.
 
-Compares the shipped `corpus.jsonl.xz` with the split and document inventory of
-docs/data.md, "Contents and split" (exact titles per split, 6 novels + 66 books + Bierce, unique ids),
+Compares the shipped `corpus.jsonl.xz` with the split and document inventory of docs/data.md,
+"Contents and split" (exact titles per split, 6 novels + 66 books + Bierce, unique ids),
 checks that corrupt or missing files and bad arguments fail with messages naming the problem,
 and checks the R serialization reader against small streams written here by an independent
 XDR encoder (the Debian packages themselves are not available in CI). Everything is exact:

@@ -130,6 +130,12 @@ def test_cache_reused_then_invalidated(tmp_path: Path, monkeypatch: pytest.Monke
     assert len(entries) == 1
     manifest = json.loads((cache / entries[0] / "manifest.json").read_text())
     assert (manifest["documents"], manifest["eos_token"]) == (len(TEXTS), "<|endoftext|>")
+    # megatron-core's own reader sees the same documents (what GPTDataset would train on)
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    mds = IndexedDataset(str(cache / entries[0] / "tokens"))
+    assert [mds[i].tolist() for i in range(len(mds))] == first
+    assert mds.document_indices.tolist() == list(range(len(TEXTS) + 1))
 
     calls = []
     real = indexed._build
