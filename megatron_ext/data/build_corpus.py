@@ -2,7 +2,8 @@
 
     python -m megatron_ext.data.build_corpus [--out megatron_ext/data/assets] [--debs DIR]
 
-Recipe of docs/data.md (contents, split, provenance), with no R and no network beyond `apt-get download`:
+Recipe of docs/data.md (contents, split, provenance), with no R and no network beyond
+`apt-get download`:
 
 - Austen: the six novels of `r-cran-janeaustenr`, decoded from the package's lazy-load
   database (`data/Rdata.rdx` / `.rdb`) by `rdata.py`; one document per novel, the package's
