@@ -185,15 +185,17 @@ def _read_parquet(path: Path, column: str, on_bytes) -> Iterator[str]:
         raise ValueError(f"{path}: column {column!r} holds {kind}, expected strings")
     rows = max(pf.metadata.num_rows, 1)
     size = path.stat().st_size
-    row = 0
+    row = done = 0
     for batch in pf.iter_batches(columns=[column], batch_size=1024):
         for i, text in enumerate(batch.column(0).to_pylist()):
             if text is None:
                 raise ValueError(f"{path}: row {row + i} has a null {column!r}")
             yield text
-        if on_bytes:
-            on_bytes(size * batch.num_rows // rows)
         row += batch.num_rows
+        if on_bytes:  # bytes in proportion to rows read, ending exactly at the file size
+            target = size if row >= rows else size * row // rows
+            on_bytes(target - done)
+            done = target
 
 
 __all__ = ["SUFFIXES", "CorpusFiles", "find_corpus"]

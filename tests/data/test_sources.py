@@ -250,3 +250,22 @@ def test_bad_inputs(setup, kw: dict, error: type, match: str, tmp_path: Path) ->
     cfg = DataConfig(cache_dir=str(tmp_path / "cache"), **kw)
     with pytest.raises(error, match=match):
         build_datasets(cfg, seed=0, progress=False)
+
+
+def test_progress_bytes_add_up_to_the_corpus_size(tmp_path: Path) -> None:
+    """The tokenising progress bar advances by on-disk bytes and ends exactly at the total."""
+    from megatron_ext.data.sources import find_corpus
+
+    d = tmp_path / "dir"
+    d.mkdir()
+    write_jsonl(d / "a.jsonl", TEXTS * 100)  # > 256 lines: intermediate updates happen
+    _gz(d / "b.jsonl.gz", TEXTS * 100)
+    write_parquet(d / "c.parquet", TEXTS * 500)  # 3 batches of rows
+    (d / "d.txt").write_text(TEXTS[0], encoding="utf-8")
+    files = find_corpus(str(d), "text")
+    steps: list[int] = []
+    texts = list(files.documents(steps.append))
+    assert len(texts) == 600 + 600 + 3000 + 1 and len(steps) > 4
+    assert sum(steps) == files.total_bytes() == sum(f.stat().st_size for f in d.iterdir())
+    cfg = DataConfig(corpus=str(d), cache_dir=str(tmp_path / "cache"), seq_length=32)
+    assert len(build_datasets(cfg, seed=0, progress=True).train) > 0  # with the bar shown
