@@ -84,7 +84,7 @@ def test_tiny_variant_trains(single_process, tmp_path: Path, name: str) -> None:
         "train.eval_batches=1"])
     result = train(cfg, progress=False)
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    losses = [r["train_loss"] for r in rows if "train_loss" in r]
+    losses = [r["loss"] for r in rows]
     assert len(losses) == 20
     assert sum(losses[-3:]) / 3 < losses[0] - 1.0, (name, losses)
     assert result["eval_loss"] < losses[0]

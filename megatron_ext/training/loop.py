@@ -333,7 +333,7 @@ def _train(cfg: RunConfig, mode: str, source: Path | None, notes: list[str], *,
                 tokens = t.grad_accum_steps * t.micro_batch_size * length * dp_size
                 tps = tokens / dt
                 record = {"loss": train_loss, "lr": lr, "grad_norm": gnorm,
-                          "tokens_per_s": tps}
+                          "tokens_per_s": tps, "seq_length": length}
                 mfu = ""
                 if peak is not None:
                     fl = flops_per_token(cfg.model, n_params * tp, length)
