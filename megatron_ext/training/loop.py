@@ -197,7 +197,7 @@ def _train(cfg: RunConfig, mode: str, source: Path | None, notes: list[str], *,
     from megatron.core import parallel_state as ps
 
     from megatron_ext.checkpoint import load_megatron_checkpoint
-    from megatron_ext.data.dataset import build_datasets
+    from megatron_ext.data.dataset import build_datasets, tokenizer_vocab_size
     from megatron_ext.metrics import MetricsWriter
     from megatron_ext.training.observe import (
         flops_per_token,
@@ -217,8 +217,8 @@ def _train(cfg: RunConfig, mode: str, source: Path | None, notes: list[str], *,
     cp = (cfg.parallel.cp_layout, cp_size, ps.get_context_parallel_rank()) if cp_size > 1 \
         else None
 
+    vocab = check_vocab(cfg, tokenizer_vocab_size(cfg.data))  # before tokenising anything
     data = build_datasets(cfg.data, seed=t.seed, progress=progress and is_main())
-    vocab = check_vocab(cfg, data.vocab_size)
     model = _build_model(cfg, vocab, device)
     if source is not None and mode != "resume":  # continued pretraining: weights only
         load_megatron_checkpoint(model, source / "model")
