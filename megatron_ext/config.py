@@ -55,6 +55,14 @@ class ModelConfig:
     """MLP activation."""
     add_bias_linear: bool = False
     """Biases in linear layers."""
+    add_qkv_bias: bool = False
+    """Biases on the q, k, v projections only (Qwen2; Megatron `add_qkv_bias`)."""
+    parallel_block: bool = False
+    """Cohere-style layer: one input LayerNorm (no bias) whose output feeds attention and MLP,
+    both summed into the residual (megatron_ext.layers.parallel_block)."""
+    logit_scale: float = 1.0
+    """HF Cohere `logit_scale`: logits = scale * h W^T (applied by the final norm of the
+    megatron_ext.layers.parallel_block spec)."""
     tie_embeddings: bool = True
     """Share input embedding and output projection."""
     init_method_std: float = 0.02
@@ -78,7 +86,11 @@ class ModelConfig:
             max_position_embeddings=self.max_position_embeddings,
             init_method_std=self.init_method_std,
             layernorm_epsilon=self.layernorm_epsilon,
+            logit_scale=self.logit_scale,
         )
+        if self.parallel_block and self.normalization != "LayerNorm":
+            raise ConfigError(f"model.parallel_block=True needs model.normalization='LayerNorm' "
+                              f"(the Cohere block), got {self.normalization!r}")
         if self.hidden_size % self.num_attention_heads:
             raise ConfigError(
                 f"model.hidden_size={self.hidden_size} is not divisible by "

@@ -105,6 +105,7 @@ def ext_transformer_config(
         gated_linear_unit=swiglu,
         activation_func=F.silu if swiglu else F.gelu,
         add_bias_linear=model_cfg.add_bias_linear,
+        add_qkv_bias=model_cfg.add_qkv_bias,
         init_method_std=model_cfg.init_method_std,
         hidden_dropout=model_cfg.hidden_dropout,
         attention_dropout=model_cfg.attention_dropout,
@@ -153,6 +154,15 @@ ATTENTION_VARIANTS: dict[str, Callable[[ExtTransformerConfig], ModuleSpec]] = {
 }
 
 
+def _block_spec(layer_spec: ModuleSpec, model_cfg: ModelConfig):
+    """The layer spec, or the Cohere-style block spec (parallel block / logit scale)."""
+    if not model_cfg.parallel_block and model_cfg.logit_scale == 1.0:
+        return layer_spec
+    from megatron_ext.layers.parallel_block import parallel_block_spec
+
+    return parallel_block_spec(layer_spec, model_cfg)
+
+
 def build_gpt_model(
     model_cfg: ModelConfig,
     attn_cfg: AttentionConfig,
@@ -180,7 +190,8 @@ def build_gpt_model(
         raise ValueError(f"vocab size {vocab} is not divisible by tensor_parallel_size={tp}")
     return GPTModel(
         config=config,
-        transformer_layer_spec=ATTENTION_VARIANTS[attn_cfg.variant](config),
+        transformer_layer_spec=_block_spec(ATTENTION_VARIANTS[attn_cfg.variant](config),
+                                           model_cfg),
         vocab_size=vocab,
         max_sequence_length=model_cfg.max_position_embeddings,
         position_embedding_type="none",
