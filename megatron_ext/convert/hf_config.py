@@ -14,6 +14,7 @@ the key. Polarities (docs/conversion.md):
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass, field
 from typing import Any
@@ -99,10 +100,16 @@ def _rope_from_hf(f: _Fields, max_pos: int) -> tuple[float, RopeScalingConfig | 
     rp = f.get("rope_parameters") or {}
     if not rp and f.hf.get("rope_theta") is not None:
         rp = {"rope_theta": f.get("rope_theta"), **(f.get("rope_scaling") or {})}
+    return _parse_rope(dict(rp), max_pos, f.get("partial_rotary_factor", 1.0))
+
+
+def _parse_rope(rp: dict[str, Any], max_pos: int,
+                partial_default: float | None = 1.0) -> tuple[float, RopeScalingConfig | None,
+                                                               float]:
     rp = dict(rp)
     theta = float(rp.pop("rope_theta", 10000.0))
     kind = rp.pop("rope_type", rp.pop("type", "default"))
-    partial = float(rp.pop("partial_rotary_factor", f.get("partial_rotary_factor", 1.0) or 1.0))
+    partial = float(rp.pop("partial_rotary_factor", partial_default or 1.0))
     scaling = None
     allowed = {"default": (), "linear": ("factor",),
                "dynamic": ("factor", "original_max_position_embeddings"),
@@ -136,7 +143,14 @@ def _rope_from_hf(f: _Fields, max_pos: int) -> tuple[float, RopeScalingConfig | 
     return theta, scaling, partial
 
 
-def _rope_to_hf(attn: AttentionConfig) -> dict[str, Any]:
+def _rope_to_hf(attn: AttentionConfig, original: dict[str, Any] | None = None,
+                max_pos: int = 0) -> dict[str, Any]:
+    """HF `rope_parameters`; the source's own dict when it means the same (exact round trip)."""
+    if original is not None:
+        with contextlib.suppress(ConversionError, ConfigError, TypeError, ValueError):
+            if _parse_rope(original, max_pos) == (attn.rope_theta, attn.rope_scaling,
+                                                  attn.rotary_percent):
+                return dict(original)
     out: dict[str, Any] = {"rope_theta": attn.rope_theta, "rope_type": "default"}
     rs = attn.rope_scaling
     if rs is not None:
@@ -250,6 +264,8 @@ def from_hf_config(hf: dict[str, Any]) -> HFSpec:
             raise ConversionError(f"config.json {key}={value!r} is not carried by the {mt} "
                                   "converter (it differs from the family default "
                                   f"{defaults.get(key, '<absent>')!r})")
+    if isinstance(hf.get("rope_parameters"), dict):
+        extra["rope_parameters"] = hf["rope_parameters"]
     spec.extra = extra
     return spec
 
@@ -300,7 +316,8 @@ def _smollm3(f: _Fields, extra: dict) -> HFSpec:
     model = _model_from_hf(f)
     n = model.num_layers
     flags = f.get("no_rope_layers") or [1] * n
-    f.get("no_rope_layer_interval")
+    if "no_rope_layer_interval" in f.hf:  # HF reads no_rope_layers; the interval is kept as is
+        extra["no_rope_layer_interval"] = f.get("no_rope_layer_interval")
     if len(flags) != n:
         raise ConversionError(f"config.json no_rope_layers has {len(flags)} entries, "
                               f"num_hidden_layers={n}")
@@ -324,7 +341,8 @@ def _llama4(f: _Fields, extra: dict) -> HFSpec:
     model = _model_from_hf(f, ffn_key="intermediate_size_mlp")
     n = model.num_layers
     flags = f.get("no_rope_layers") or [1] * n
-    f.get("no_rope_layer_interval")
+    if "no_rope_layer_interval" in f.hf:  # HF reads no_rope_layers; the interval is kept as is
+        extra["no_rope_layer_interval"] = f.get("no_rope_layer_interval")
     hf_types = f.get("layer_types") or ["full_attention"] * n
     chunk = f.get("attention_chunk_size")
     if len(flags) != n or len(hf_types) != n:
@@ -362,7 +380,8 @@ def _cohere2(f: _Fields, extra: dict) -> HFSpec:
                            parallel_block=True, logit_scale=float(f.get("logit_scale", 1.0)))
     n = model.num_layers
     hf_types = f.get("layer_types")
-    f.get("sliding_window_pattern")
+    if "sliding_window_pattern" in f.hf:
+        extra["sliding_window_pattern"] = f.get("sliding_window_pattern")
     if not hf_types or len(hf_types) != n:
         raise ConversionError(f"config.json layer_types={hf_types!r}; expected {n} entries")
     window = f.get("sliding_window")
@@ -472,7 +491,8 @@ def to_hf_config(model: ModelConfig, attn: AttentionConfig, family: str,
         raise ConversionError(f"cannot export as {family}: {why}")
     if model.vocab_size is None:
         raise ConversionError("model.vocab_size is unset; the export needs the vocabulary size")
-    out: dict[str, Any] = {k: v for k, v in extra.items() if k != "dual_chunk_attention_config"}
+    out: dict[str, Any] = {k: v for k, v in extra.items()
+                           if k not in ("dual_chunk_attention_config", "rope_parameters")}
     out.update(
         model_type=family, architectures=[ARCHITECTURES[family]],
         num_hidden_layers=model.num_layers, hidden_size=model.hidden_size,
@@ -480,7 +500,8 @@ def to_hf_config(model: ModelConfig, attn: AttentionConfig, family: str,
         num_key_value_heads=model.num_query_groups or model.num_attention_heads,
         vocab_size=model.vocab_size, max_position_embeddings=model.max_position_embeddings,
         initializer_range=model.init_method_std, tie_word_embeddings=model.tie_embeddings,
-        hidden_act="silu", rope_parameters=_rope_to_hf(attn),
+        hidden_act="silu", rope_parameters=_rope_to_hf(attn, extra.get("rope_parameters"),
+                                                        model.max_position_embeddings),
     )
     ffn = model.ffn_hidden_size or 4 * model.hidden_size
     out["layer_norm_eps" if family == "cohere2" else "rms_norm_eps"] = model.layernorm_epsilon
@@ -494,12 +515,13 @@ def to_hf_config(model: ModelConfig, attn: AttentionConfig, family: str,
     if family == "smollm3":
         flags = [int(t == "rope_full") for t in types]
         out["no_rope_layers"] = flags
-        out["no_rope_layer_interval"] = _interval(flags, extra.get("no_rope_layer_interval", 4))
+        out["no_rope_layer_interval"] = extra.get("no_rope_layer_interval", _interval(flags, 4))
     elif family == "llama4_text":
         hy = attn.hybrid
         flags = [int(t != "nope_full") for t in types]
         out.update(no_rope_layers=flags, moe_layers=[],
-                   no_rope_layer_interval=_interval(flags, 4),
+                   no_rope_layer_interval=extra.get("no_rope_layer_interval",
+                                                    _interval(flags, 4)),
                    layer_types=["chunked_attention" if t == "rope_chunked" else "full_attention"
                                 for t in types],
                    use_qk_norm=attn.qk_norm == "l2_post_rope",
@@ -514,7 +536,9 @@ def to_hf_config(model: ModelConfig, attn: AttentionConfig, family: str,
                    layer_types=["sliding_attention" if t == "rope_swa" else "full_attention"
                                 for t in types],
                    sliding_window=hy.window if hy and hy.window else extra.get("sliding_window"))
-        out["sliding_window_pattern"] = _interval([int(t == "rope_swa") for t in types], 4)
+        if "sliding_window_pattern" in extra:  # legacy key, kept consistent with layer_types
+            out["sliding_window_pattern"] = _interval([int(t == "rope_swa") for t in types],
+                                                      extra["sliding_window_pattern"])
     return out
 
 

@@ -22,7 +22,8 @@ TINY = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_l
 
 def make_hf(tmp: Path, model_type: str, seed: int = 0, **overrides) -> Path:
     """Save a random tiny HF model of `model_type` (fp32 safetensors) under tmp/model_type."""
-    cfg = AutoConfig.for_model(model_type, **{**TINY, **overrides})
+    ids = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    cfg = AutoConfig.for_model(model_type, **{**TINY, **ids, **overrides})
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
     with torch.no_grad():  # non-trivial norm weights, so a swapped norm cannot pass
