@@ -220,6 +220,9 @@ def test_megatron_preprocessed_dataset_is_read_as_is(tmp_path: Path) -> None:
         pytest.param("garbage.json", {"corpus": "{tmp}/c.jsonl",
                                       "tokenizer": "{tmp}/garbage.json"},
                      ValueError, r"garbage.json is not a valid tokenizer.json", id="bad-tokenizer"),
+        pytest.param("empty_dir", {"corpus": "embedded", "tokenizer": "{tmp}/empty_dir"},
+                     ValueError, r"data.tokenizer='.*empty_dir': not a Hugging Face tokenizer "
+                     r"directory", id="tokenizer-directory-without-tokenizer"),
         pytest.param("c.jsonl", {"corpus": "{tmp}/c.jsonl", "eos_token": "</s>"}, ValueError,
                      r"data.eos_token='</s>' is not in the vocabulary of the shipped BPE",
                      id="unknown-eos"),
