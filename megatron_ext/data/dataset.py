@@ -4,8 +4,9 @@
 token cache (indexed.py; a Megatron indexed dataset is used as it is), picks the training and
 held-out documents, packs them with document boundaries kept (packing.py) and, for a blend,
 mixes the corpora by weight. Held-out text is always whole documents, never a tail of training
-documents: the embedded corpus's held-out books (`data.eval_split`), `data.eval_corpus`, or a
-fixed `data.eval_fraction` of each corpus's documents (the same ones whatever the seed).
+documents: the embedded corpus's held-out books (`data.eval_split`, also when it is named as
+`data.eval_corpus`), `data.eval_corpus`, or a fixed `data.eval_fraction` of each corpus's
+documents (the same ones whatever the seed).
 
 `tokenizer_vocab_size(data_cfg)` and `check_vocab_size(model_vocab_size, data_cfg)` let the
 trainer refuse a too-small model vocabulary before it tokenises or writes anything.
@@ -200,8 +201,11 @@ def build_datasets(cfg: DataConfig, *, seed: int, progress: bool = True) -> Data
     if cfg.eval_corpus is not None:
         docs, foreign = corpus_documents(cfg.eval_corpus, tok, cfg, key="data.eval_corpus",
                                          progress=progress)
-        eval_parts = [_pack(docs, np.arange(len(docs)), cfg, tok, seed=None, foreign=foreign)]
-        stats.append(CorpusStats(cfg.eval_corpus, len(docs), docs.num_tokens, 0, len(docs),
+        held = np.arange(len(docs))
+        if docs.splits is not None:  # the embedded corpus: only its held-out books
+            held = np.flatnonzero(np.asarray(docs.splits) == cfg.eval_split)
+        eval_parts = [_pack(docs, held, cfg, tok, seed=None, foreign=foreign)]
+        stats.append(CorpusStats(cfg.eval_corpus, len(docs), docs.num_tokens, 0, int(held.size),
                                  0.0, docs.path_prefix))
     if not eval_parts:
         raise ValueError("no held-out documents: set data.eval_corpus")

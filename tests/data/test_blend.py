@@ -130,3 +130,14 @@ def test_start_batch_skips_exactly() -> None:
     later = list(iterate_batches(packed, 3, seed=2, rank=1, world_size=2, start_batch=2))
     assert len(later) == len(every) - 2
     assert all(torch.equal(x["tokens"], y["tokens"]) for x, y in zip(every[2:], later))
+
+
+def test_eval_corpus_replaces_the_holdout(tmp_path: Path) -> None:
+    """With data.eval_corpus, every training document trains and the held-out set is that
+    corpus (for the embedded one: only its held-out split, never a training book)."""
+    a = write_jsonl(tmp_path / "a.jsonl", TEXTS)
+    cfg = DataConfig(corpus=str(a), eval_corpus="embedded", eval_split="dev",
+                     cache_dir=str(tmp_path / "cache"), seq_length=64)
+    ds = build_datasets(cfg, seed=0, progress=False)
+    assert ds.corpora[0].train_documents == len(TEXTS) and ds.corpora[0].eval_documents == 0
+    assert ds.eval.doc_order == ("austen/northanger-abbey",) and ds.corpora[1].eval_documents == 1
