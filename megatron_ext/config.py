@@ -426,8 +426,8 @@ class DataConfig:
     eval_split: Literal["dev", "test"] = "dev"
     """Held-out split of the embedded corpus used for evaluation during training."""
     eval_corpus: str | None = None
-    """Held-out corpus (any `corpus` form); None = `eval_split` for the embedded corpus, else
-    `eval_fraction` of each corpus's whole documents."""
+    """Held-out corpus (any `corpus` form; 'embedded' means its `eval_split` books); None =
+    `eval_split` for the embedded corpus, else `eval_fraction` of each corpus's documents."""
     eval_fraction: float = 0.01
     """Share of whole documents held out from a non-embedded corpus when `eval_corpus` is None
     (at least one document)."""
