@@ -1,0 +1,1 @@
+"""Modelling code shipped inside exported HF directories (`auto_map`, trust_remote_code)."""
