@@ -38,6 +38,8 @@ BATCH_CHARS = 4_000_000
 """Characters of text handed to the tokenizer at once (it encodes a batch in parallel)."""
 PIECE_CHARS = 200_000
 """Longer documents are encoded in pieces cut after a newline (bounded memory per call)."""
+INDEX_HEADER = b"MMIDIDX\x00\x00"
+"""First bytes of a megatron-core .idx file."""
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,11 @@ def open_indexed(prefix: str, name: str | None = None) -> TokenDocuments:
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     name = name or prefix
+    with open(prefix + ".idx", "rb") as f:  # megatron's reader asserts; say what is wrong first
+        header = f.read(len(INDEX_HEADER))
+    if header != INDEX_HEADER:
+        raise ValueError(f"{name}: {prefix}.idx is not a megatron-core indexed dataset index "
+                         f"(header {header!r}, expected {INDEX_HEADER!r})")
     try:
         ds = IndexedDataset(prefix, mmap=True)
     except (AssertionError, ValueError, struct.error) as err:

@@ -272,3 +272,19 @@ def test_progress_bytes_add_up_to_the_corpus_size(tmp_path: Path) -> None:
     assert sum(steps) == files.total_bytes() == sum(f.stat().st_size for f in d.iterdir())
     cfg = DataConfig(corpus=str(d), cache_dir=str(tmp_path / "cache"), seq_length=32)
     assert len(build_datasets(cfg, seed=0, progress=True).train) > 0  # with the bar shown
+
+
+def test_damaged_token_files_are_refused_by_name(tmp_path: Path) -> None:
+    corpus = write_jsonl(tmp_path / "c.jsonl", TEXTS)
+    _docs(str(corpus), tmp_path)
+    (entry,) = [p for p in (tmp_path / "cache").iterdir() if p.is_dir()]
+    bin_path, idx_path = entry / "tokens.bin", entry / "tokens.idx"
+    data = bin_path.read_bytes()
+    bin_path.write_bytes(data[:-6])  # truncated .bin
+    with pytest.raises(ValueError, match=r"tokens.bin has \d+ bytes but .*tokens.idx describes "
+                       r"\d+ tokens of 2 bytes \(truncated or not a pair\)"):
+        _docs(str(corpus), tmp_path)
+    bin_path.write_bytes(data)
+    idx_path.write_bytes(b"NOTANIDX" + idx_path.read_bytes()[8:])  # wrong header
+    with pytest.raises(ValueError, match=r"tokens.idx is not a megatron-core indexed dataset"):
+        _docs(str(corpus), tmp_path)
