@@ -242,6 +242,9 @@ class ConcatSequences:
         part = np.searchsorted(self._cum, idx, side="right") - 1
         return _gather(self.parts, part, idx - self._cum[part], epoch)
 
+    def sample(self, i: int) -> dict[str, torch.Tensor]:
+        return {k: v[0] for k, v in self.batch([i]).items()}
+
 
 def _gather(parts: Sequence, part: np.ndarray, local: np.ndarray, epoch: int
             ) -> dict[str, torch.Tensor]:
@@ -318,6 +321,9 @@ class BlendedSequences:
     def batch(self, idx: np.ndarray | list[int], epoch: int = 0) -> dict[str, torch.Tensor]:
         src, local = self.locate(np.asarray(idx), epoch)
         return _gather(self.parts, src, local, epoch)
+
+    def sample(self, i: int, epoch: int = 0) -> dict[str, torch.Tensor]:
+        return {k: v[0] for k, v in self.batch([i], epoch).items()}
 
 
 def iterate_batches(

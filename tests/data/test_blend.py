@@ -85,6 +85,10 @@ def test_build_datasets_blend(tmp_path: Path) -> None:
     assert ds.train.counts.tolist() == blend_counts([3, 1], total).tolist()
     assert [c.eval_documents for c in ds.corpora] == [4, 4]
     assert len(ds.eval) == sum(len(p) for p in ds.eval.parts)
+    last = ds.eval.parts[1]  # the concatenated held-out set ends with corpus b's rows
+    assert torch.equal(ds.eval.sample(len(ds.eval) - 1)["tokens"],
+                       last.sample(len(last) - 1)["tokens"])
+    assert torch.equal(ds.train.sample(5)["labels"], ds.train.batch([5])["labels"][0])
     batch = next(iterate_batches(ds.train, 4, seed=0))
     assert batch["tokens"].shape == (4, 16)
     with pytest.raises(ValueError, match=r"data.corpus='x.jsonl' and data.blend are both set"):
