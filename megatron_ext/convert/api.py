@@ -246,6 +246,8 @@ def _resolve_mcore(src: Path) -> tuple[Path, Path]:
     """(checkpoint dir, config.yaml) of a checkpoint dir or a run dir with `latest`."""
     from megatron_ext.checkpoint import CONFIG_FILE, MARKER
 
+    if (src / "model" / MARKER).is_file():  # a training checkpoint step_N/
+        src = src / "model"
     if (src / "latest").exists() and not (src / MARKER).exists():
         latest = src / "latest"
         name = latest.read_text().strip() if latest.is_file() else os.readlink(latest)
@@ -283,6 +285,9 @@ def mcore_to_hf(src: str | os.PathLike, dst: str | os.PathLike, *, family: str |
     read_checkpoint_info(ck)
     cfg = load_config(cfg_file)
     side = ck / HF_SUBDIR
+    tok = Path(cfg.data.tokenizer) if cfg.data.tokenizer else None
+    if not side.is_dir() and tok is not None and (tok / "conversion.json").is_file():
+        side = tok  # a run continued from a converted HF model: its hf/ directory
     origin: dict[str, Any] = {}
     if (side / "conversion.json").is_file():
         origin = json.loads((side / "conversion.json").read_text(encoding="utf-8"))
@@ -294,40 +299,50 @@ def mcore_to_hf(src: str | os.PathLike, dst: str | os.PathLike, *, family: str |
         except ConversionError:
             family = None
     family = choose_family(cfg.model, cfg.attention, family)
-    hf_cfg = to_hf_config(cfg.model, cfg.attention, family, extra)
     torch_dtype = _DTYPES[dtype or str(extra.get("dtype") or "float32").replace("torch.", "")]
-    hf_cfg["dtype"] = str(torch_dtype).replace("torch.", "")
+    from megatron_ext.convert.mcore_io import SliceReader, tensor_slices
+
+    reader = SliceReader(ck)
+    with megatron_single_process():
+        meta = _build(cfg.model, cfg.attention, meta=True)
+        slices = tensor_slices(meta)
+    names = {k for k in slices if not k.endswith("_extra_state")}
+    stored = {p.key for k in names for p in slices[k]}
+    extra_keys = sorted(set(reader.tensors) - stored)
+    if extra_keys:
+        raise ConversionError(f"{ck}: stored tensors the config does not use: "
+                              f"{', '.join(extra_keys)}")
+    return export_tensors(cfg, lambda name: reader.read(name, slices[name]), names, dst,
+                          family=family, extra=extra, dtype=torch_dtype, side=side,
+                          max_shard_bytes=max_shard_bytes, show_progress=show_progress)
+
+
+def export_tensors(cfg: RunConfig, get, names: set[str], dst: Path, *, family: str,
+                   extra: dict[str, Any], dtype: torch.dtype, side: Path | None = None,
+                   max_shard_bytes: int = 2 * 1024**3, show_progress: bool = True) -> Path:
+    """Write the HF directory `dst` from our tensors: `get(name)` returns the state-dict
+    tensor `name` (global shape), `names` are all tensor names of the source."""
+    hf_cfg = to_hf_config(cfg.model, cfg.attention, family, extra)
+    hf_cfg["dtype"] = str(dtype).replace("torch.", "")
     lay = layout_of(cfg.model, cfg.attention, family)
     tmp = dst.with_name(f".{dst.name}.exporting")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        from megatron_ext.convert.mcore_io import SliceReader, tensor_slices
-
-        reader = SliceReader(ck)
-        with megatron_single_process():
-            meta = _build(cfg.model, cfg.attention, meta=True)
-            slices = tensor_slices(meta)
-        names = {k for k in slices if not k.endswith("_extra_state")}
-        stored = {p.key for k in names for p in slices[k]}
-        extra_keys = sorted(set(reader.tensors) - stored)
-        if extra_keys:
-            raise ConversionError(f"{ck}: stored tensors the config does not use: "
-                                  f"{', '.join(extra_keys)}")
         writer = ShardWriter(tmp, max_shard_bytes)
         covered = set()
         for ours, hf_names, rule in progress(list(_all_rules(lay)), "megatron_ext -> HF",
                                              show_progress):
-            if ours not in slices:
-                raise ConversionError(f"{ck}: the model has no tensor {ours}")
-            t = reader.read(ours, slices[ours])
+            if ours not in names:
+                raise ConversionError(f"the source has no tensor {ours}")
+            t = get(ours)
             for name, value in zip(hf_names, keymap.to_hf_layer(lay, rule, t), strict=True):
-                writer.add(name, value.to(torch_dtype))
+                writer.add(name, value.to(dtype))
             covered.add(ours)
         _check_cover(names, covered, "megatron_ext")
         writer.close()
         _write_hf_config(tmp, hf_cfg, family)
-        _write_side_files(tmp, side, cfg, extra)
+        _write_side_files(tmp, side or tmp / "none", cfg, extra)
         _publish_dir(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
