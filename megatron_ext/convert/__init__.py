@@ -21,6 +21,8 @@ from megatron_ext.convert.api import (
 )
 from megatron_ext.convert.errors import ConversionError
 from megatron_ext.convert.hf_config import FAMILIES, choose_family
+from megatron_ext.convert.inference_hook import hf_inference_loader, register_inference_loader
 
 __all__ = ["FAMILIES", "ConversionError", "choose_family", "hf_to_mcore", "hf_to_run_config",
-           "load_hf_into", "mcore_to_hf", "read_hf_spec"]
+           "hf_inference_loader", "load_hf_into", "mcore_to_hf", "read_hf_spec",
+           "register_inference_loader"]

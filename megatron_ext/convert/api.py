@@ -71,7 +71,8 @@ def hf_to_run_config(hf_dir: str | os.PathLike, base: RunConfig | None = None) -
     base = base or RunConfig()
     data = base.data
     if (Path(hf_dir) / "tokenizer.json").is_file():
-        data = DataConfig(**{**vars(base.data), "tokenizer": str(Path(hf_dir).absolute())})
+        data = DataConfig(**{**vars(base.data),
+                             "tokenizer": str(Path(hf_dir).absolute() / "tokenizer.json")})
     return RunConfig(model=spec.model, attention=spec.attention, parallel=base.parallel,
                      train=base.train, data=data, deepspeed=base.deepspeed,
                      inference=base.inference)
@@ -224,7 +225,8 @@ def hf_to_mcore(src: str | os.PathLike, dst: str | os.PathLike, *, tp: int = 1,
                      parallel=ParallelConfig(tensor_parallel_size=tp))
     tmp = dst.with_name(f".{dst.name}.converting")
     shutil.rmtree(tmp, ignore_errors=True)
-    tokenizer = str(dst / HF_SUBDIR) if (src / "tokenizer.json").is_file() else None
+    tokenizer = (str(dst / HF_SUBDIR / "tokenizer.json") if (src / "tokenizer.json").is_file()
+                 else None)
     cfg = RunConfig(model=base.model, attention=base.attention, parallel=base.parallel,
                     data=DataConfig(tokenizer=tokenizer))
     with megatron_single_process():
@@ -286,6 +288,8 @@ def mcore_to_hf(src: str | os.PathLike, dst: str | os.PathLike, *, family: str |
     cfg = load_config(cfg_file)
     side = ck / HF_SUBDIR
     tok = Path(cfg.data.tokenizer) if cfg.data.tokenizer else None
+    if tok is not None and tok.is_file():
+        tok = tok.parent
     if not side.is_dir() and tok is not None and (tok / "conversion.json").is_file():
         side = tok  # a run continued from a converted HF model: its hf/ directory
     origin: dict[str, Any] = {}

@@ -1,0 +1,45 @@
+"""`load_model` on an HF directory: convert on the fly (in memory) and wrap for inference."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+
+import torch
+
+__all__ = ["hf_inference_loader", "register_inference_loader"]
+
+_DT = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def hf_inference_loader(path: str | os.PathLike, overrides: Iterable[str] = (), *,
+                        device: str | torch.device = "cpu", dtype: str = "fp32"):
+    """An `InferenceModel` of the HF model in `path` (`--set`-style `overrides` applied)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from megatron_ext.config import config_from_dict
+    from megatron_ext.convert.api import hf_to_run_config, load_hf_into
+    from megatron_ext.data.tokenizer import load_tokenizer
+    from megatron_ext.dist import init_distributed
+    from megatron_ext.inference.loader import from_model
+    from megatron_ext.specs import build_gpt_model
+    from megatron_ext.typed_yaml import to_dict
+
+    cfg = config_from_dict(to_dict(hf_to_run_config(path)), list(overrides))
+    if not dist.is_initialized():
+        init_distributed()
+    if not ps.model_parallel_is_initialized():
+        ps.initialize_model_parallel(1)
+    model = build_gpt_model(cfg.model, cfg.attention, vocab_size=cfg.model.vocab_size,
+                            perform_initialization=False)
+    load_hf_into(model, path)
+    model = model.to(device=torch.device(device), dtype=_DT[dtype]).eval()
+    return from_model(model, cfg, load_tokenizer(cfg.data.tokenizer))
+
+
+def register_inference_loader() -> None:
+    """Make `megatron_ext.inference.load_model` accept HF directories."""
+    from megatron_ext.inference.loader import register_hf_loader
+
+    register_hf_loader(hf_inference_loader)
