@@ -1,10 +1,46 @@
 #!/usr/bin/env bash
-# Train on one machine with torchrun: NPROC local ranks (default 2) on CONFIG.
-# Extra arguments go to megatron_ext.train, e.g. --set train.steps=100
+# The main job on one machine, end to end (about 6-7 minutes on 2 CPU cores):
+#   1. pretrain a tiny RoPE GPT at 128 tokens on the embedded corpus (torchrun, 2 ranks, each
+#      sequence split over both: context parallel)                      -> runs/tiny
+#   2. continue it at 4x the length (512 tokens) with Dual Chunk Attention, CP=2, under the
+#      DeepSpeed launcher with ZeRO-2 (weights only, train.init_from)   -> runs/tiny_long_dca
+#   3. held-out perplexity of both at 1x and 4x the first length        -> <run>/eval.json
+#   4. print where everything is.
+# Environment: NPROC (ranks, default 2), STEPS1 / STEPS2 (steps of each stage), OUT (runs/),
+# RUN1 / RUN2 (the two run YAMLs). Reruns replace the two run directories (--overwrite).
 set -euo pipefail
-cd "$(dirname "$0")/.."
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+. "$HERE/common.sh"
+cd "$MEGATRON_EXT_HOME"
 NPROC=${NPROC:-2}
-CONFIG=${CONFIG:-configs/run/tiny.yaml}
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-exec .venv/bin/torchrun --standalone --nproc_per_node "$NPROC" \
-  -m megatron_ext.train --config "$CONFIG" "$@"
+STEPS1=${STEPS1:-1200}
+STEPS2=${STEPS2:-150}
+OUT=${OUT:-runs}
+RUN1=${RUN1:-configs/run/tiny.yaml}
+RUN2=${RUN2:-configs/run/tiny_long_dca.yaml}
+export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$MEGATRON_EXT_HOME/.cache/torch_extensions}
+export PYTHONWARNINGS=${PYTHONWARNINGS:-ignore}
+start=$(date +%s)
+
+echo "== 1/3 pretrain: tiny RoPE at 128 tokens, $NPROC ranks (torchrun, context parallel)"
+NPROC=$NPROC CONFIG="$RUN1" bash "$HERE/torchrun.sh" --overwrite \
+  --set train.steps="$STEPS1" --set train.out_dir="$OUT/tiny" --set train.eval_interval=200 \
+  --set train.save_interval=200 "$@"
+
+echo "== 2/3 continue at 4x the length with DCA: CP=2, DeepSpeed launcher, ZeRO-2"
+NGPU=$NPROC CONFIG="$RUN2" bash "$HERE/deepspeed.sh" --overwrite \
+  --set train.init_from="$OUT/tiny" --set train.out_dir="$OUT/tiny_long_dca" \
+  --set train.steps="$STEPS2" "$@"
+
+echo "== 3/3 held-out perplexity at 1x (128) and 4x (512) tokens"
+"$PYTHON" -m megatron_ext.training.evaluate "$OUT/tiny" --seq-lengths 128 512
+"$PYTHON" -m megatron_ext.training.evaluate "$OUT/tiny_long_dca" --seq-lengths 128 512
+# Next stages, once they exist: export to Hugging Face (megatron_ext.convert) and the passkey
+# evaluation (megatron_ext.eval) read the checkpoint $OUT/tiny_long_dca/checkpoints/latest.
+
+echo "== done in $(( $(date +%s) - start )) s"
+for run in "$OUT/tiny" "$OUT/tiny_long_dca"; do
+  echo "$run/: config.yaml, world.json, metrics.jsonl, loss.png, eval.json, tensorboard/,"
+  echo "  checkpoints/$(cat "$run/checkpoints/latest")"
+done
+echo "tensorboard --logdir $OUT    # curves of both runs"
