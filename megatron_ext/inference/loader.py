@@ -8,7 +8,7 @@ Accepted paths:
 - a run directory with a ``latest`` pointer (a file holding the step directory's name, or a
   symbolic link to it);
 - a Hugging Face directory (``config.json`` without our marker): handed to the loader
-  registered with ``register_hf_loader`` (the conversion package registers one); without one
+  registered with ``register_hf_loader``, else the conversion package's converter; without one
   the error says so.
 
 Overrides are ``--set``-style keys (``{"attention.variant": "dca", "attention.dca":
@@ -153,12 +153,10 @@ def load_model(
     sets = _override_strings(overrides)
     p = Path(path)
     if p.is_dir() and (p / "config.json").is_file() and not (p / MARKER).exists():
-        if _hf_loader is None:
-            raise CheckpointError(
-                f"{p} is a Hugging Face directory (config.json, no {MARKER}); loading it "
-                "needs the HF converter (megatron_ext.convert), which has not registered a "
-                "loader (megatron_ext.inference.register_hf_loader)")
-        return _hf_loader(p, overrides=sets, device=device, dtype=dtype)
+        loader = _hf_loader
+        if loader is None:  # the conversion package converts it on the fly, in memory
+            from megatron_ext.convert.inference_hook import hf_inference_loader as loader
+        return loader(p, overrides=sets, device=device, dtype=dtype)
     ckpt, config_file = resolve_checkpoint(p)
     cfg = load_config(config_file, sets)
     marker = read_checkpoint_info(ckpt)
