@@ -8,8 +8,8 @@ Accepted paths:
 - a run directory with a ``latest`` pointer (a file holding the step directory's name, or a
   symbolic link to it);
 - a Hugging Face directory (``config.json`` without our marker): handed to the loader
-  registered with ``register_hf_loader``, else the conversion package's converter; without one
-  the error says so.
+  registered with ``register_hf_loader``, else converted on the fly by the conversion package
+  (``megatron_ext.convert``).
 
 Overrides are ``--set``-style keys (``{"attention.variant": "dca", "attention.dca":
 {"chunk_size": 768, "local_size": 128}}``) applied to the stored run config before the model is
