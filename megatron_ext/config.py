@@ -115,7 +115,7 @@ class ModelConfig:
 class RopeScalingConfig:
     """RoPE frequency scaling (HF `rope_scaling`); see ../shared/METHODS.md section 1."""
 
-    type: Literal["linear", "dynamic", "yarn"]
+    type: Literal["linear", "dynamic", "yarn", "llama3"]
     """Scaling kind."""
     factor: float
     """Scale factor (>= 1)."""
@@ -127,6 +127,10 @@ class RopeScalingConfig:
     """YaRN low-frequency boundary."""
     attention_factor: float | None = None
     """YaRN attention factor override (logits scale by its square)."""
+    low_freq_factor: float = 1.0
+    """llama3: wavelengths above L0 / low_freq_factor are interpolated by factor."""
+    high_freq_factor: float = 4.0
+    """llama3: wavelengths below L0 / high_freq_factor are kept."""
 
     def __post_init__(self) -> None:
         if self.factor < 1.0:

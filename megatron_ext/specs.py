@@ -55,6 +55,8 @@ def _variant_fields(model_cfg: ModelConfig, attn: AttentionConfig) -> dict:
             or model_cfg.max_position_embeddings,
             "beta_fast": rs.beta_fast, "beta_slow": rs.beta_slow,
             "attention_factor": rs.attention_factor,
+            **({"low_freq_factor": rs.low_freq_factor, "high_freq_factor": rs.high_freq_factor}
+               if rs.type == "llama3" else {}),
         }
     if attn.variant == "dca":
         assert attn.dca is not None

@@ -114,7 +114,9 @@ def _parse_rope(rp: dict[str, Any], max_pos: int,
     allowed = {"default": (), "linear": ("factor",),
                "dynamic": ("factor", "original_max_position_embeddings"),
                "yarn": ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow",
-                        "attention_factor", "mscale", "mscale_all_dim", "truncate")}
+                        "attention_factor", "mscale", "mscale_all_dim", "truncate"),
+               "llama3": ("factor", "original_max_position_embeddings", "low_freq_factor",
+                          "high_freq_factor")}
     if kind not in allowed:
         raise ConversionError(
             f"config.json rope_parameters.rope_type={kind!r}: megatron_ext's RoPE implements "
@@ -139,7 +141,9 @@ def _parse_rope(rp: dict[str, Any], max_pos: int,
             type=kind, factor=float(factor), original_max_position_embeddings=l0,
             beta_fast=float(rp.get("beta_fast") or 32.0),
             beta_slow=float(rp.get("beta_slow") or 1.0),
-            attention_factor=rp.get("attention_factor"))
+            attention_factor=rp.get("attention_factor"),
+            low_freq_factor=float(rp.get("low_freq_factor", 1.0)),
+            high_freq_factor=float(rp.get("high_freq_factor", 4.0)))
     return theta, scaling, partial
 
 
@@ -157,6 +161,8 @@ def _rope_to_hf(attn: AttentionConfig, original: dict[str, Any] | None = None,
         out.update(rope_type=rs.type, factor=rs.factor)
         if rs.original_max_position_embeddings is not None:
             out["original_max_position_embeddings"] = rs.original_max_position_embeddings
+        if rs.type == "llama3":
+            out.update(low_freq_factor=rs.low_freq_factor, high_freq_factor=rs.high_freq_factor)
         if rs.type == "yarn":
             out.update(beta_fast=rs.beta_fast, beta_slow=rs.beta_slow)
             if rs.attention_factor is not None:

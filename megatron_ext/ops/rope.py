@@ -30,7 +30,7 @@ __all__ = [
     "rope_inv_freq",
 ]
 
-_KINDS = ("linear", "dynamic", "yarn")
+_KINDS = ("linear", "dynamic", "yarn", "llama3")
 
 
 @dataclass
@@ -38,7 +38,9 @@ class RopeScaling:
     """RoPE scaling recipe (docs/methods/rope.md, "Scaling variants").
 
     Attributes:
-        kind: "linear" (position interpolation), "dynamic" (dynamic NTK) or "yarn".
+        kind: "linear" (position interpolation), "dynamic" (dynamic NTK), "yarn" or "llama3"
+            (Llama-3.1: long wavelengths divided by factor, short ones kept, a smooth ramp
+            between; docs/methods/rope.md).
         factor: scaling factor (alpha / s). 1 reproduces default RoPE for every kind.
         original_max_position_embeddings: L0, the pretraining length. Required for "dynamic" and
             "yarn"; unused by "linear".
@@ -49,6 +51,8 @@ class RopeScaling:
         mscale: YaRN numerator mscale (used only together with mscale_all_dim).
         mscale_all_dim: YaRN denominator mscale.
         truncate: YaRN: floor/ceil the correction range (HF default True).
+        low_freq_factor: llama3: wavelengths above L0 / low_freq_factor are interpolated.
+        high_freq_factor: llama3: wavelengths below L0 / high_freq_factor are kept.
     """
 
     kind: str
@@ -60,6 +64,8 @@ class RopeScaling:
     mscale: float | None = None
     mscale_all_dim: float | None = None
     truncate: bool = True
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
 
     def __post_init__(self) -> None:
         if self.kind not in _KINDS:
@@ -68,7 +74,7 @@ class RopeScaling:
             raise ValueError(f"RopeScaling.factor={self.factor!r}; expected a finite number")
         if self.kind == "linear" and self.factor <= 0:
             raise ValueError(f"RopeScaling.factor={self.factor}; linear scaling needs factor > 0")
-        if self.kind in ("dynamic", "yarn"):
+        if self.kind in ("dynamic", "yarn", "llama3"):
             if self.factor < 1:
                 raise ValueError(
                     f"RopeScaling.factor={self.factor}; {self.kind} scaling needs factor >= 1"
@@ -79,6 +85,11 @@ class RopeScaling:
                     f"RopeScaling.original_max_position_embeddings={l0!r}; {self.kind} scaling "
                     "needs a positive int (the pretraining length L0)"
                 )
+        if self.kind == "llama3" and not self.high_freq_factor > self.low_freq_factor > 0:
+            raise ValueError(
+                f"RopeScaling low_freq_factor={self.low_freq_factor}, high_freq_factor="
+                f"{self.high_freq_factor}; expected high_freq_factor > low_freq_factor > 0"
+            )
         if self.kind == "yarn" and not self.beta_fast > self.beta_slow > 0:
             raise ValueError(
                 f"RopeScaling beta_fast={self.beta_fast}, beta_slow={self.beta_slow}; "
@@ -132,6 +143,16 @@ def rope_inv_freq(
     if scaling.kind == "linear":  # attention_factor: ChunkLlama's mscale on the tables
         return inv_freq / scaling.factor, float(scaling.attention_factor or 1.0)
     l0 = scaling.original_max_position_embeddings
+    if scaling.kind == "llama3":
+        wavelen = 2 * math.pi / inv_freq
+        low_wl, high_wl = l0 / scaling.low_freq_factor, l0 / scaling.high_freq_factor
+        ramp = (l0 / wavelen - scaling.low_freq_factor) / (
+            scaling.high_freq_factor - scaling.low_freq_factor
+        )
+        smooth = (1 - ramp) * inv_freq / scaling.factor + ramp * inv_freq
+        out = torch.where(wavelen > low_wl, inv_freq / scaling.factor, inv_freq)
+        medium = (wavelen >= high_wl) & (wavelen <= low_wl)
+        return torch.where(medium, smooth, out), 1.0
     if scaling.kind == "dynamic":
         if seq_len is None:
             raise ValueError("seq_len=None; dynamic NTK needs the current length L")

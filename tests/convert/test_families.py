@@ -26,6 +26,12 @@ CASES = {
                                                  "rope_theta": 10000.0}}),
     "llama_linear": ("llama", {"rope_parameters": {"rope_type": "linear", "factor": 2.0,
                                                    "rope_theta": 500000.0}}),
+    # Llama-3.1 scaling; L0 = 64 so that the 40 test tokens cross all three wavelength bands
+    "llama_llama3": ("llama", {"rope_parameters": {"rope_type": "llama3", "factor": 8.0,
+                                                   "low_freq_factor": 1.0,
+                                                   "high_freq_factor": 4.0,
+                                                   "original_max_position_embeddings": 64,
+                                                   "rope_theta": 500000.0}}),
     "qwen2": ("qwen2", {}),
     "smollm3": ("smollm3", {"no_rope_layers": [1, 0, 1, 0]}),
     "llama4_text": ("llama4_text", {"moe_layers": [], "intermediate_size_mlp": 48,

@@ -313,3 +313,23 @@ def test_head_layer_norm_per_head() -> None:
         head_layer_norm(x, torch.ones(8, dtype=F64))
     with pytest.raises(ValueError, match="kind="):
         head_layer_norm(x, kind="batchnorm")
+
+
+@pytest.mark.parametrize("dim, theta, l0", [(64, 500000.0, 8192), (16, 10000.0, 64)])
+def test_llama3_scaling_matches_transformers(dim: int, theta: float, l0: int) -> None:
+    """Llama-3.1 frequencies against transformers' own rope initialisation (fp32)."""
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    params = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+              "high_freq_factor": 4.0, "original_max_position_embeddings": l0,
+              "rope_theta": theta}
+    cfg = LlamaConfig(hidden_size=dim * 2, num_attention_heads=2, rope_parameters=params)
+    want, attn = ROPE_INIT_FUNCTIONS["llama3"](cfg, "cpu")
+    ours, factor = rope_inv_freq(
+        dim, theta=theta, scaling=RopeScaling("llama3", 8.0, original_max_position_embeddings=l0)
+    )
+    assert factor == attn == 1.0
+    torch.testing.assert_close(ours, want.float(), rtol=1e-6, atol=0)
+    plain, _ = rope_inv_freq(dim, theta=theta)
+    assert (ours < plain).any() and (ours == plain).any()  # both bands are exercised
