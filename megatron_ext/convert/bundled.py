@@ -37,6 +37,8 @@ def _check(model: ModelConfig, attn: AttentionConfig) -> None:
     elif attn.dca is not None and (attn.dca.scaling_factor != 1.0
                                    or attn.dca.extension_factor is not None):
         why = "DCA scaling_factor / extension_factor"
+    elif attn.rope_scaling is not None and attn.rope_scaling.type == "llama3":
+        why = "llama3 RoPE scaling (export the family's own format instead)"
     if why:
         raise ConversionError(f"the bundled modelling code does not implement {why}")
 
