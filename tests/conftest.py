@@ -36,3 +36,18 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="module")
+def megatron_single_process():
+    """One-rank gloo group and Megatron parallel state (TP = PP = CP = 1) for a test module."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from megatron_ext.dist import init_distributed
+
+    init_distributed(backend="gloo")
+    ps.initialize_model_parallel(1)
+    yield
+    ps.destroy_model_parallel()
+    dist.destroy_process_group()
