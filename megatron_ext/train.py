@@ -17,30 +17,40 @@ import argparse
 import sys
 import warnings
 
-from megatron_ext.checkpoint import CheckpointError
-from megatron_ext.config import ConfigError, RunConfig, add_config_args, config_from_args
-from megatron_ext.dist import destroy_distributed, init_distributed
-from megatron_ext.training.loop import TrainingStoppedError
-from megatron_ext.training.loop import train as _train_loop
-from megatron_ext.training.schedule import lr_at
-
-
-def train(cfg: RunConfig, *, progress: bool = True, resume: bool = False,
-          overwrite: bool = False) -> dict:
-    """Run the configured training (see `megatron_ext.training.loop.train`)."""
-    return _train_loop(cfg, progress=progress, resume=resume, overwrite=overwrite)
-
-
 _KNOWN_HARMLESS_WARNINGS = (
     r"Transformer Engine and Apex are not installed",  # local (non-TE) Megatron modules
     r"Apex is not installed",
     r"full scope is deprecated",  # megatron-core 0.16 default cuda_graph_scope
+    r"`torch.distributed.all_gather_into_tensor` is deprecated",  # called inside DeepSpeed
 )
 
 
 def _quiet_known_warnings() -> None:
     for pattern in _KNOWN_HARMLESS_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern)
+
+
+# before megatron is imported, and at every import: megatron-core's checkpoint writer re-imports
+# this module in a helper process
+_quiet_known_warnings()
+
+from megatron_ext.checkpoint import CheckpointError  # noqa: E402
+from megatron_ext.config import (  # noqa: E402
+    ConfigError,
+    RunConfig,
+    add_config_args,
+    config_from_args,
+)
+from megatron_ext.dist import destroy_distributed, init_distributed  # noqa: E402
+from megatron_ext.training.loop import TrainingStoppedError  # noqa: E402
+from megatron_ext.training.loop import train as _train_loop  # noqa: E402
+from megatron_ext.training.schedule import lr_at  # noqa: E402
+
+
+def train(cfg: RunConfig, *, progress: bool = True, resume: bool = False,
+          overwrite: bool = False) -> dict:
+    """Run the configured training (see `megatron_ext.training.loop.train`)."""
+    return _train_loop(cfg, progress=progress, resume=resume, overwrite=overwrite)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -30,7 +30,8 @@ from megatron_ext.training.checkpointing import resolve_checkpoint, verify_check
 pytestmark = pytest.mark.slow
 
 ARGS = [*TINY, *sets(train__steps=8, train__save_interval=2, train__keep_checkpoints=2,
-                     train__eval_interval=4, model__hidden_dropout=0.1)]
+                     train__eval_interval=4, model__hidden_dropout=0.1,
+                     train__peak_tflops=1.0)]
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +45,8 @@ def reference(tmp_path_factory) -> Path:
 def test_uninterrupted_run_layout(reference: Path) -> None:
     rows = metrics(reference)
     assert [r["step"] for r in rows] == list(range(8))
-    assert all({"loss", "lr", "grad_norm", "tokens_per_s"} <= set(r) for r in rows)
+    assert all({"loss", "lr", "grad_norm", "tokens_per_s", "mfu"} <= set(r) for r in rows)
+    assert all(0 < r["mfu"] < 1 for r in rows)  # against a 1 TFLOP/s peak given in the config
     assert [r["step"] for r in rows if "eval_loss" in r] == [3, 7]  # final eval not repeated
     ckpts = sorted(p.name for p in (reference / "checkpoints").iterdir())
     assert ckpts == ["latest", "step_00000006", "step_00000008"]  # keep-last-2
