@@ -13,7 +13,9 @@ why `megatron.core.parallel_state` cannot be passed directly.
 Numerics. fp32 on CPU; bf16 runs the model in bf16 with DeepSpeed's fp32 master weights; fp16
 adds DeepSpeed's dynamic loss scaling (and is refused on CPU). The learning rate follows
 `schedule.lr_at` through a `LambdaLR` that DeepSpeed steps and checkpoints. The optimizer is
-torch's AdamW (no C++ build); ZeRO 1-3 partition its state over the data x context group.
+torch's AdamW (no C++ build); ZeRO 1-3 partition its state over the data x context group. With
+`deepspeed.offload_optimizer: cpu` it is DeepSpeed's `DeepSpeedCPUAdam` (AdamW mode), which
+DeepSpeed requires for ZeRO-Offload and compiles on first use.
 """
 
 from __future__ import annotations
@@ -156,8 +158,14 @@ class DeepSpeedEngine:
         self.cfg, self.tp_group = cfg.train, tp_group
         self.stage = cfg.deepspeed.zero_stage
         base_lr = cfg.train.lr
-        optimizer = torch.optim.AdamW(param_groups(model, cfg.train.weight_decay), lr=base_lr,
-                                      betas=(cfg.train.beta1, cfg.train.beta2))
+        groups = param_groups(model, cfg.train.weight_decay)
+        betas = (cfg.train.beta1, cfg.train.beta2)
+        if cfg.deepspeed.offload_optimizer == "cpu":  # optimizer state and step on the host
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            optimizer = DeepSpeedCPUAdam(groups, lr=base_lr, betas=betas, adamw_mode=True)
+        else:
+            optimizer = torch.optim.AdamW(groups, lr=base_lr, betas=betas)
 
         def scheduler(opt):
             return torch.optim.lr_scheduler.LambdaLR(
