@@ -3,10 +3,11 @@
 A RoPE model is trained for 20 steps at 64 tokens (in this process, a world of one gloo rank).
 Each continuation loads only its weights (`train.init_from`) and must start from what the
 source learned: its first-step loss is at least 0.5 nat below a fresh model's (ln 4096 = 8.3)
-for DCA and a Cohere2-style hybrid at 256 tokens and for CoCA at 128 (CoCA's t projection is
-the RoPE key projection, so nothing is re-initialised). The 256-token DCA run also uses the
-sequence-length warm-up (64 -> 256 over 2 steps) and must log those lengths. Refused
-switches (another width, leaving CoCA) fail before anything is written, naming the key.
+for DCA, a Cohere2-style hybrid and RoPE with a 4x base and YaRN at 256 tokens, and for CoCA at
+128 (CoCA's t projection is the RoPE key projection, so nothing is re-initialised). The
+256-token DCA run also uses the sequence-length warm-up (64 -> 256 over 2 steps) and must log
+those lengths. Refused switches (another width, leaving CoCA) fail before anything is
+written, naming the key.
 """
 
 from __future__ import annotations
@@ -54,6 +55,9 @@ def source(tmp_path_factory):
                   "attention.hybrid={preset: cohere2, nope_every: 2, window: 32}"], 256,
                  id="hybrid-4x"),
     pytest.param(["attention.variant=coca"], 128, id="coca-2x"),
+    pytest.param(["attention.rope_theta=40000.0",
+                  "attention.rope_scaling={type: yarn, factor: 4.0, "
+                  "original_max_position_embeddings: 64}"], 256, id="rope-yarn-base-4x"),
 ])
 def test_continue_with_method_switch(source, tmp_path: Path, switch: list[str], seq: int
                                      ) -> None:
