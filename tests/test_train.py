@@ -4,8 +4,9 @@ Single process: the loss must fall over a few dozen steps (a learning signal, no
 and the run directory must hold the resolved config (reloading to the same object), the
 world layout, the tensorboard events, metrics.jsonl (one record per step with step, loss, lr,
 grad_norm, tokens_per_s) and the loss plot. Two ranks under torchrun on the plain (non-
-DeepSpeed) path: one sequence split over both ranks (context parallel), trained to the end,
-rank 0 logging every step. The DeepSpeed path, checkpoints and refusals are tested in
+DeepSpeed) path: one sequence split over both ranks (context parallel), with every layer
+recomputed in backward (activation checkpointing re-runs the CP communication), trained to
+the end, rank 0 logging every step. The DeepSpeed path, checkpoints and refusals are tested in
 tests/training/.
 """
 
@@ -54,7 +55,8 @@ def test_two_ranks_torchrun(tmp_path: Path) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
            "--master_port", str(free_port()), "-m", "megatron_ext.train",
            "--config", "configs/run/tiny.yaml", "--no-progress",
-           "--set", f"train.out_dir={out}", "--set", "train.steps=6"]
+           "--set", f"train.out_dir={out}", "--set", "train.steps=6",
+           "--set", "train.activation_checkpointing=full"]
     proc = subprocess.run(cmd, cwd=REPO, env=launcher_free_env(), capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]

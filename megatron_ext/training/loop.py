@@ -43,16 +43,20 @@ class TrainingStoppedError(RuntimeError):
 def _rank0(fn, *args, **kwargs):
     """fn on rank 0, its result (or its ConfigError / CheckpointError) on every rank."""
     box: list[Any] = [None, None]
+    error: BaseException | None = None
     if dist.get_rank() == 0:
         try:
             box[0] = fn(*args, **kwargs)
-        except (ConfigError, CheckpointError) as e:
-            box[1] = (type(e).__name__, str(e))
+        except Exception as e:  # every rank must leave the broadcast below
+            error, box[1] = e, (type(e).__name__, str(e))
     if dist.get_world_size() > 1:
         dist.broadcast_object_list(box, src=0)
+    if error is not None:
+        raise error
     if box[1] is not None:
         kind, message = box[1]
-        raise (CheckpointError if kind == "CheckpointError" else ConfigError)(message)
+        cls = {"CheckpointError": CheckpointError, "ConfigError": ConfigError}.get(kind)
+        raise (cls or RuntimeError)(message if cls else f"rank 0 failed: {kind}: {message}")
     return box[0]
 
 

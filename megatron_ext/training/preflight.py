@@ -132,7 +132,8 @@ def check_out_dir(out_dir: str | os.PathLike, *, resume: bool, overwrite: bool) 
     if resume:
         if not (path / "checkpoints" / "latest").is_file():
             raise ConfigError(f"--resume: train.out_dir={str(out_dir)!r} has no checkpoint "
-                              "(checkpoints/latest); start it without --resume")
+                              "(checkpoints/latest; none was saved yet?); start it again with "
+                              "--overwrite, or without --resume in an empty train.out_dir")
         return "resume"
     if non_empty:
         if overwrite:
