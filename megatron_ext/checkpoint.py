@@ -21,8 +21,7 @@ that every file it lists is present with its recorded size.
 All ranks must call both functions (they are collective over the default process group). On a
 machine without CUDA, `megatron_ext.cpu_compat` workarounds are applied first. The first save in
 a process makes megatron-core start a spawn-context multiprocessing Manager, which re-imports the
-main script: guard entry points with `if __name__ == "__main__":` or the save hangs
-(../shared/stack.md section 2.6).
+main script: guard entry points with `if __name__ == "__main__":` or the save hangs.
 """
 
 from __future__ import annotations

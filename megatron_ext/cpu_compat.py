@@ -1,6 +1,6 @@
 """CPU workarounds for megatron-core 0.16, applied only when CUDA is absent.
 
-megatron-core 0.16 hard-codes `torch.cuda` in a few places (../shared/stack.md section 2.2).
+megatron-core 0.16 hard-codes `torch.cuda` in a few places (device queries, synchronisation).
 megatron_ext's own core attention replaces the stock `DotProductAttention` and RoPE module, so the
 forward and backward path needs none of them; what does need them on a CPU machine (a laptop, CI)
 is `megatron.core.dist_checkpointing`'s torch_dist save path, which calls:

@@ -31,7 +31,7 @@ def _quiet_known_warnings() -> None:
 
 
 # before megatron is imported, and at every import: megatron-core's checkpoint writer re-imports
-# this module in a helper process
+# this module in a child process
 _quiet_known_warnings()
 
 from megatron_ext.checkpoint import CheckpointError  # noqa: E402

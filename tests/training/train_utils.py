@@ -1,4 +1,4 @@
-"""Helpers for the training tests: run `python -m megatron_ext.train` (or a launcher) as a new
+"""Shared by the training tests: run `python -m megatron_ext.train` (or a launcher) as a new
 user would, and read what the run wrote."""
 
 from __future__ import annotations
