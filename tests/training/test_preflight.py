@@ -4,7 +4,7 @@ Config-only refusals are checked on `check_config` / `check_out_dir` / `check_vo
 (the message must name the key and the valid choice). Refusals that need the data, a
 checkpoint or a process group run the real `train()` in this process (a world of one gloo
 rank) and then assert that `train.out_dir` was not created or is byte-for-byte unchanged.
-The schedules are checked against their closed forms.
+The schedules are checked against their closed forms; `--overwrite` replaces an earlier run.
 """
 
 from __future__ import annotations
@@ -141,3 +141,17 @@ def test_refusals_write_nothing(world_of_one, tmp_path: Path) -> None:
         _train(f"train.out_dir={out}", resume=True)
     assert (out / "config.yaml").read_text() == "earlier run\n"
     assert sorted(p.name for p in out.iterdir()) == ["config.yaml"]
+
+
+def test_overwrite_replaces_an_earlier_run(world_of_one, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 0, "loss": 1.0}\n')
+    (out / "old_subdir").mkdir()
+    result = _train(f"train.out_dir={out}", "train.steps=2", "train.eval_batches=1",
+                    overwrite=True)
+    assert len(result["losses"]) == 2
+    assert not (out / "old_subdir").exists()
+    rows = (out / "metrics.jsonl").read_text().splitlines()
+    assert len(rows) == 2 and '"loss": 1.0' not in rows[0]
+    assert load_config(out / "config.yaml").train.steps == 2
