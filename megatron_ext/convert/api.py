@@ -284,8 +284,14 @@ def mcore_to_hf(src: str | os.PathLike, dst: str | os.PathLike, *, family: str |
 
     src, dst = Path(src).absolute(), Path(dst).absolute()
     ck, cfg_file = _resolve_mcore(src)
-    read_checkpoint_info(ck)
+    marker = read_checkpoint_info(ck)
     cfg = load_config(cfg_file)
+    if cfg.model.vocab_size is None:  # a training run sized it from its tokenizer
+        vocab = (marker.get("model") or {}).get("vocab_size")
+        if not vocab:
+            raise ConversionError(f"{ck}: neither the run config nor the checkpoint marker "
+                                  "records the vocabulary size")
+        cfg.model.vocab_size = int(vocab)
     side = ck / HF_SUBDIR
     tok = Path(cfg.data.tokenizer) if cfg.data.tokenizer else None
     if tok is not None and tok.is_file():

@@ -105,13 +105,15 @@ def ds_to_hf(src: str | os.PathLike, dst: str | os.PathLike, *, config: str | No
     if (src / "model" / MARKER).is_file() and config is None:
         return mcore_to_hf(src / "model", dst, family=family, dtype=dtype,
                            show_progress=show_progress)
-    engine = src / "engine" if (src / "engine").is_dir() else src
+    # A training step directory is a DeepSpeed checkpoint directory whose tag is "engine"
+    # (the trainer saves with save_checkpoint(step_N, tag="engine")).
+    in_step = (src / "engine").is_dir()
     cfg_file = Path(config) if config else next(
         (p for p in (src / "config.yaml", src.parent / "config.yaml") if p.is_file()), None)
     if cfg_file is None:
         raise ConversionError(f"{src}: no config.yaml; pass --config RUN.yaml")
     cfg = load_config(cfg_file)
-    state = zero_state_dict(engine, tag if engine is src else (tag or src.name))
+    state = zero_state_dict(src, "engine" if in_step and tag is None else tag)
     fam = choose_family(cfg.model, cfg.attention, family)
     torch_dtype = _DTYPES[dtype or "float32"]
     if cfg.model.vocab_size is None:

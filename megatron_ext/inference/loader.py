@@ -75,7 +75,14 @@ def resolve_checkpoint(path: str | os.PathLike) -> tuple[Path, Path]:
     if not p.exists():
         raise CheckpointError(f"checkpoint {p} does not exist; expected a checkpoint directory "
                               f"(with {MARKER}) or a run directory with a 'latest' pointer")
-    ckpt = _latest(p) if (p / "latest").exists() and not (p / MARKER).exists() else p
+    ckpt = p
+    if not (p / MARKER).exists():
+        for runs in (p, p / "checkpoints"):  # a run directory, or the trainer's out_dir
+            if (runs / "latest").exists():
+                ckpt = _latest(runs)
+                break
+        if (ckpt / "model" / MARKER).exists():  # a training step: weights under model/
+            ckpt = ckpt / "model"
     read_checkpoint_info(ckpt)  # marker present and every file it lists intact
     for cand in (ckpt / CONFIG_FILE, ckpt.parent / CONFIG_FILE):
         if cand.is_file():

@@ -134,9 +134,12 @@ def test_token_out_of_vocabulary(saved):
         m.generate([[1, 5000]], max_new_tokens=1)
 
 
-def test_hf_directory_without_converter(tmp_path):
-    (tmp_path / "config.json").write_text("{}")
-    with pytest.raises(CheckpointError, match="Hugging Face"):
+def test_hf_directory_of_an_unknown_family(tmp_path):
+    """An HF directory goes to the converter, which names what it cannot convert."""
+    from megatron_ext.convert.errors import ConversionError
+
+    (tmp_path / "config.json").write_text('{"model_type": "gpt2"}')
+    with pytest.raises(ConversionError, match="model_type='gpt2'; supported: llama"):
         load_model(tmp_path)
 
 
