@@ -5,7 +5,8 @@
   same AdamW maths on the same gradients, only partitioned, flattened and reduced in another
   order (fp32 rounding).
 - Under the real `deepspeed` launcher, 2 ranks with context parallelism (CP=2, ZeRO-2) and
-  with tensor parallelism (TP=2, ZeRO-1) reproduce a single-process run's per-step losses to
+  with tensor parallelism (TP=2, ZeRO-1), with q/k layernorm (whose TP-partial gradients are
+  summed in backward hooks), reproduce a single-process run's per-step losses to
   2e-5 relative (fp32: attention merged across ranks and vocabulary-parallel cross-entropy sum
   in another order) and the loss falls. The DeepSpeed JSON, world layout and a DeepSpeed
   checkpoint are written with the run.
@@ -25,7 +26,9 @@ from megatron_ext.config import load_config
 pytestmark = pytest.mark.distributed
 
 STEPS = 12
-ARGS = [*TINY, *sets(train__steps=STEPS, train__lr=0.003, train__micro_batch_size=2)]
+# q/k layernorm: its gradients are partial on each TP rank and must be summed over the group
+ARGS = [*TINY, *sets(train__steps=STEPS, train__lr=0.003, train__micro_batch_size=2,
+                     attention__qk_norm="layernorm_pre_rope")]
 
 
 def _zero_worker(rank: int, group, out: str) -> None:
