@@ -5,6 +5,7 @@
 #   2. continue it at 4x the length (512 tokens) with Dual Chunk Attention, CP=2, under the
 #      DeepSpeed launcher with ZeRO-2 (weights only, train.init_from)   -> runs/tiny_long_dca
 #   3. held-out perplexity of both at 1x and 4x the first length        -> <run>/eval.json
+#      and passkey retrieval of the second at 1x and 4x                  -> passkey.json
 #   4. print where everything is.
 # Environment: NPROC (ranks, default 2), STEPS1 / STEPS2 (steps of each stage), OUT (runs/),
 # RUN1 / RUN2 (the two run YAMLs). Reruns replace the two run directories (--overwrite).
@@ -35,12 +36,16 @@ NGPU=$NPROC CONFIG="$RUN2" bash "$HERE/deepspeed.sh" --overwrite \
 echo "== 3/3 held-out perplexity at 1x (128) and 4x (512) tokens"
 "$PYTHON" -m megatron_ext.training.evaluate "$OUT/tiny" --seq-lengths 128 512
 "$PYTHON" -m megatron_ext.training.evaluate "$OUT/tiny_long_dca" --seq-lengths 128 512
-# Next stages, once they exist: export to Hugging Face (megatron_ext.convert) and the passkey
-# evaluation (megatron_ext.eval) read the checkpoint $OUT/tiny_long_dca/checkpoints/latest.
+echo "== passkey retrieval at 1x and 4x (a model this small is not expected to find it)"
+"$PYTHON" -m megatron_ext.eval --checkpoint "$OUT/tiny_long_dca" --tasks passkey \
+  --lengths 128,512 --trials 2 --out "$OUT/tiny_long_dca/passkey.json"
+# Next stage, once it exists: export to Hugging Face (megatron_ext.convert) reads the checkpoint
+# $OUT/tiny_long_dca/checkpoints/latest (weights in its model/ directory, config.yaml beside).
 
 echo "== done in $(( $(date +%s) - start )) s"
 for run in "$OUT/tiny" "$OUT/tiny_long_dca"; do
   echo "$run/: config.yaml, world.json, metrics.jsonl, loss.png, eval.json, tensorboard/,"
   echo "  checkpoints/$(cat "$run/checkpoints/latest")"
 done
+echo "$OUT/tiny_long_dca/passkey.json (passkey), deepspeed.json (the generated DeepSpeed config)"
 echo "tensorboard --logdir $OUT    # curves of both runs"
