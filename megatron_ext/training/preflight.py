@@ -96,11 +96,6 @@ def check_config(cfg: RunConfig, world_size: int) -> None:
     if t.seq_warmup_start is not None and t.seq_warmup_start > cfg.data.seq_length:
         raise ConfigError(f"train.seq_warmup_start={t.seq_warmup_start} > data.seq_length="
                           f"{cfg.data.seq_length}; the warm-up grows towards data.seq_length")
-    if t.activation_checkpointing != "none" and cfg.deepspeed.enabled and \
-            cfg.deepspeed.zero_stage == 3:
-        raise ConfigError("train.activation_checkpointing with deepspeed.zero_stage=3 is not "
-                          "supported here (ZeRO-3 re-gathers parameters inside the recompute); "
-                          "use zero_stage <= 2 or activation_checkpointing='none'")
 
 
 def check_vocab(cfg: RunConfig, tokenizer_vocab: int) -> int:

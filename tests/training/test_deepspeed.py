@@ -3,7 +3,7 @@
 - ZeRO 0, 1, 2 and 3 on 2 data-parallel ranks with gradient accumulation (2 micro-batches)
   each equal the plain AdamW path for 4 steps, loss and gradient norm to 1e-5 relative: the
   same AdamW maths on the same gradients, only partitioned, flattened and reduced in another
-  order (fp32 rounding).
+  order (fp32 rounding). ZeRO-3 with every layer recomputed in backward gives the same.
 - Under the real `deepspeed` launcher, 2 ranks with context parallelism (CP=2, ZeRO-2) and
   with tensor parallelism (TP=2, ZeRO-1), with q/k layernorm (whose TP-partial gradients are
   summed in backward hooks), reproduce a single-process run's per-step losses to
@@ -41,9 +41,11 @@ def _zero_worker(rank: int, group, out: str) -> None:
             "train.steps=4", "train.grad_accum_steps=2", "train.micro_batch_size=2",
             "train.eval_batches=1", "train.warmup_steps=1", "train.lr=0.003"]
     results = {}
-    for name, extra in [("plain", []), *[(f"zero{s}", ["deepspeed.enabled=true",
-                                                       f"deepspeed.zero_stage={s}"])
-                                          for s in range(4)]]:
+    runs = [("plain", []), *[(f"zero{s}", ["deepspeed.enabled=true", f"deepspeed.zero_stage={s}"])
+                             for s in range(4)],
+            ("zero3_recompute", ["deepspeed.enabled=true", "deepspeed.zero_stage=3",
+                                 "train.activation_checkpointing=full"])]
+    for name, extra in runs:
         cfg = load_config("configs/run/tiny.yaml",
                           [*base, *extra, f"train.out_dir={out}/{name}"])
         results[name] = train(cfg, progress=False)["losses"]

@@ -53,8 +53,6 @@ def _cfg(*overrides: str):
                  id="fp16-without-loss-scaling"),
     pytest.param(["train.dtype=fp16", "deepspeed.enabled=true"], 2, r"needs a CUDA device",
                  id="fp16-on-cpu"),
-    pytest.param(["train.activation_checkpointing=full", "deepspeed.enabled=true",
-                  "deepspeed.zero_stage=3"], 2, r"zero_stage=3", id="recompute-zero3"),
     pytest.param(["train.seq_warmup_start=256", "train.seq_warmup_steps=4"], 2,
                  r"train.seq_warmup_start=256 > data.seq_length=128", id="warmup-too-long"),
 ])
