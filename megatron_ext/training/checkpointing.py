@@ -272,6 +272,17 @@ def verify_on_rank0(directory: Path) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------- load
 
+def check_layout(manifest: dict[str, Any], layout: dict[str, Any], directory: Path) -> None:
+    """Refuse to resume a checkpoint saved by another world layout (naming what differs)."""
+    saved = manifest["layout"]
+    diff = [f"{k}: checkpoint {saved.get(k)!r}, this run {v!r}" for k, v in layout.items()
+            if saved.get(k) != v]
+    if diff:
+        raise CheckpointError(f"checkpoint {directory} was saved by another world layout and "
+                              f"cannot resume here exactly ({'; '.join(diff)}); start a new run "
+                              "with train.init_from to reuse its weights")
+
+
 def load_checkpoint(directory: Path, *, engine, layout: dict[str, Any], deepspeed: bool,
                     verified: bool = False) -> dict[str, Any]:
     """Restore weights, optimizer, schedule and this rank's state from a verified checkpoint.
@@ -289,13 +300,7 @@ def load_checkpoint(directory: Path, *, engine, layout: dict[str, Any], deepspee
         manifest = json.loads((directory / MANIFEST).read_text(encoding="utf-8"))
     else:
         manifest = verify_on_rank0(directory)
-    saved = manifest["layout"]
-    diff = [f"{k}: checkpoint {saved.get(k)!r}, this run {v!r}" for k, v in layout.items()
-            if saved.get(k) != v]
-    if diff:
-        raise CheckpointError(f"checkpoint {directory} was saved by another world layout and "
-                              f"cannot resume here exactly ({'; '.join(diff)}); start a new run "
-                              "with train.init_from to reuse its weights")
+    check_layout(manifest, layout, directory)
     rank = dist.get_rank()
     if not deepspeed:
         load_megatron_checkpoint(engine.module, directory / "model")
@@ -310,7 +315,7 @@ def load_checkpoint(directory: Path, *, engine, layout: dict[str, Any], deepspee
 
 
 __all__ = [
-    "CheckpointError", "capture_rng", "list_checkpoints", "load_checkpoint",
+    "CheckpointError", "capture_rng", "check_layout", "list_checkpoints", "load_checkpoint",
     "resolve_checkpoint", "restore_rng", "save_checkpoint", "step_name", "verify_checkpoint",
     "verify_on_rank0",
 ]

@@ -91,6 +91,16 @@ def micro_loss(model, batch: dict, *, mask_documents: bool, cp: tuple | None,
     return (per_token.float() * mask).sum(), mask.sum()
 
 
+def run_layout(cfg: RunConfig, world_size: int) -> dict[str, Any]:
+    """What a checkpoint needs to resume exactly: world, parallel sizes, engine, batch shape."""
+    tp, cp = cfg.parallel.tensor_parallel_size, cfg.parallel.context_parallel_size
+    return {"world_size": world_size, "tensor_parallel_size": tp, "context_parallel_size": cp,
+            "data_parallel_size": world_size // (tp * cp), "deepspeed": cfg.deepspeed.enabled,
+            "zero_stage": cfg.deepspeed.zero_stage if cfg.deepspeed.enabled else None,
+            "micro_batch_size": cfg.train.micro_batch_size,
+            "grad_accum_steps": cfg.train.grad_accum_steps}
+
+
 def _count_tokens(batches: list[dict]) -> int:
     from megatron_ext.data.packing import IGNORE_INDEX
 
@@ -112,7 +122,12 @@ def _init_checks(cfg: RunConfig, *, resume: bool, overwrite: bool) -> tuple[str,
         notes = check_switch(saved, cfg, cfg.train.init_from)
     if mode == "resume":  # the checkpoint is verified before anything is written
         source = _rank0(ckpt.resolve_checkpoint, cfg.train.out_dir)
-        _rank0(ckpt.verify_checkpoint, source)
+        manifest = _rank0(ckpt.verify_checkpoint, source)
+        ckpt.check_layout(manifest, run_layout(cfg, dist.get_world_size()), source)
+        if manifest["step"] >= cfg.train.steps:
+            raise ConfigError(f"--resume: the checkpoint {source.name} is at step "
+                              f"{manifest['step']} and train.steps={cfg.train.steps}; raise "
+                              "train.steps to train further")
         saved = load_config(Path(cfg.train.out_dir) / "config.yaml")
         fixed = ("model", "attention", "parallel", "data", "deepspeed")
         diff = [s for s in fixed if getattr(saved, s) != getattr(cfg, s)]
@@ -259,11 +274,7 @@ def _train(cfg: RunConfig, mode: str, source: Path | None, notes: list[str], *,
     model = engine.runner  # the module, or the DeepSpeed engine wrapping it
     stream = BatchStream(data.train, t.micro_batch_size, seed=t.seed, dp_rank=dp_rank,
                          dp_size=dp_size)
-    layout = {"world_size": dist.get_world_size(), "tensor_parallel_size": cfg.parallel
-              .tensor_parallel_size, "context_parallel_size": cp_size,
-              "data_parallel_size": dp_size, "deepspeed": cfg.deepspeed.enabled,
-              "zero_stage": cfg.deepspeed.zero_stage if cfg.deepspeed.enabled else None,
-              "micro_batch_size": t.micro_batch_size, "grad_accum_steps": t.grad_accum_steps}
+    layout = run_layout(cfg, dist.get_world_size())
     root = out / "checkpoints"
     start = 0
     if mode == "resume":
@@ -274,9 +285,6 @@ def _train(cfg: RunConfig, mode: str, source: Path | None, notes: list[str], *,
         stream.restore(state["data"])
         ckpt.restore_rng(state["rng"])
         print0(f"resumed from {where} at step {start}")
-    if start >= t.steps:
-        raise ConfigError(f"--resume: the checkpoint is at step {start} and train.steps="
-                          f"{t.steps}; raise train.steps to train further")
     writer = MetricsWriter(out, enabled=is_main(), resume_step=start if mode == "resume"
                            else None)
     mask_docs = cfg.attention.mask_documents
