@@ -113,7 +113,7 @@ class ModelConfig:
 
 @dataclass(kw_only=True)
 class RopeScalingConfig:
-    """RoPE frequency scaling (HF `rope_scaling`); see ../shared/METHODS.md section 1."""
+    """RoPE frequency scaling (HF `rope_scaling`); see docs/methods/rope.md."""
 
     type: Literal["linear", "dynamic", "yarn", "llama3"]
     """Scaling kind."""
