@@ -6,9 +6,11 @@
 #      DeepSpeed launcher with ZeRO-2 (weights only, train.init_from)   -> runs/tiny_long_dca
 #   3. held-out perplexity of both at 1x and 4x the first length        -> <run>/eval.json
 #      and passkey retrieval of the second at 1x and 4x                  -> passkey.json
-#   4. print where everything is.
+#   4. export the second to Hugging Face safetensors                    -> runs/tiny_long_dca_hf
+#   5. print where everything is.
 # Environment: NPROC (ranks, default 2), STEPS1 / STEPS2 (steps of each stage), OUT (runs/),
-# RUN1 / RUN2 (the two run YAMLs). Reruns replace the two run directories (--overwrite).
+# RUN1 / RUN2 (the two run YAMLs). Reruns replace the two run directories (--overwrite) and
+# the export.
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 . "$HERE/common.sh"
@@ -39,8 +41,11 @@ echo "== 3/3 held-out perplexity at 1x (128) and 4x (512) tokens"
 echo "== passkey retrieval at 1x and 4x (a model this small is not expected to find it)"
 "$PYTHON" -m megatron_ext.eval --checkpoint "$OUT/tiny_long_dca" --tasks passkey \
   --lengths 128,512 --trials 2 --out "$OUT/tiny_long_dca/passkey.json"
-# Next stage, once it exists: export to Hugging Face (megatron_ext.convert) reads the checkpoint
-# $OUT/tiny_long_dca/checkpoints/latest (weights in its model/ directory, config.yaml beside).
+echo "== export the continued model to Hugging Face (safetensors)"
+rm -rf "$OUT/tiny_long_dca_hf"  # the converter refuses a non-empty destination
+"$PYTHON" -m megatron_ext.convert mcore2hf \
+  --src "$OUT/tiny_long_dca/checkpoints/$(cat "$OUT/tiny_long_dca/checkpoints/latest")" \
+  --dst "$OUT/tiny_long_dca_hf"
 
 echo "== done in $(( $(date +%s) - start )) s"
 for run in "$OUT/tiny" "$OUT/tiny_long_dca"; do
@@ -48,4 +53,5 @@ for run in "$OUT/tiny" "$OUT/tiny_long_dca"; do
   echo "  checkpoints/$(cat "$run/checkpoints/latest")"
 done
 echo "$OUT/tiny_long_dca/passkey.json (passkey), deepspeed.json (the generated DeepSpeed config)"
+echo "$OUT/tiny_long_dca_hf/: the continued model in Hugging Face format (safetensors)"
 echo "tensorboard --logdir $OUT    # curves of both runs"
