@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The main job on one machine, end to end (about 6-7 minutes on 2 CPU cores):
+# The main job on one machine, end to end (4-7 minutes on 2 CPU cores):
 #   1. pretrain a tiny RoPE GPT at 128 tokens on the embedded corpus (torchrun, 2 ranks, each
 #      sequence split over both: context parallel)                      -> runs/tiny
 #   2. continue it at 4x the length (512 tokens) with Dual Chunk Attention, CP=2, under the
