@@ -9,7 +9,8 @@
   summed in backward hooks), reproduce a single-process run's per-step losses to
   2e-5 relative (fp32: attention merged across ranks and vocabulary-parallel cross-entropy sum
   in another order) and the loss falls. The DeepSpeed JSON, world layout and a DeepSpeed
-  checkpoint are written with the run.
+  checkpoint are written with the run; under CP=2 (data parallel size 1) the checkpoint holds
+  two ZeRO optimizer partitions: ZeRO shards over the data x context group.
 """
 
 from __future__ import annotations
@@ -92,12 +93,16 @@ def test_launcher_two_ranks_equal_one_process(single: list[float], tmp_path: Pat
     assert got == pytest.approx(single, rel=2e-5)
     assert sum(got[-3:]) / 3 < got[0] - 0.5, got
     world = json.loads((out / "world.json").read_text())
+    ck = out / "checkpoints" / f"step_{STEPS:08d}"
+    optim = sorted(p.name for p in (ck / "engine").glob("zero_pp_rank_*_optim_states.pt"))
     if "parallel__context_parallel_size" in layout:
         assert [r["cp_group"] for r in world] == [[0, 1], [0, 1]]
         assert [r["dp_cp_group"] for r in world] == [[0, 1], [0, 1]]
+        # DP = 1, yet ZeRO partitions the optimizer over the 2 context-parallel ranks
+        assert optim == ["zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                         "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
     else:
         assert [r["tp_group"] for r in world] == [[0, 1], [0, 1]]
         assert [r["dp_cp_group"] for r in world] == [[0], [1]]
     assert "world layout (preflight)" in proc.stdout
-    ck = out / "checkpoints" / f"step_{STEPS:08d}"
     assert (ck / "engine").is_dir() and (ck / "model" / "megatron_ext.json").is_file()
