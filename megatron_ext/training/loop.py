@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import shutil
 import time
 from pathlib import Path
@@ -107,6 +108,14 @@ def _count_tokens(batches: list[dict]) -> int:
     return int(sum((b["labels"] != IGNORE_INDEX).sum().item() for b in batches))
 
 
+def _hf_directory(path: str | os.PathLike) -> Path | None:
+    """The path when it is a Hugging Face model directory (config.json, no checkpoint marker)."""
+    from megatron_ext.checkpoint import MARKER
+
+    p = Path(path)
+    return p if (p / "config.json").is_file() and not (p / MARKER).exists() else None
+
+
 def _init_checks(cfg: RunConfig, *, resume: bool, overwrite: bool) -> tuple[str, Path | None,
                                                                                list[str]]:
     """Checks before Megatron state exists: config, out_dir, init_from. Writes nothing."""
@@ -116,9 +125,21 @@ def _init_checks(cfg: RunConfig, *, resume: bool, overwrite: bool) -> tuple[str,
     if cfg.train.init_from and mode != "resume":
         from megatron_ext.training.continued import check_switch
 
-        source = _rank0(ckpt.resolve_checkpoint, cfg.train.init_from)
-        _rank0(ckpt.verify_checkpoint, source)
-        saved = load_config(source / "config.yaml")
+        hf = _hf_directory(cfg.train.init_from)
+        if hf is not None:  # a Hugging Face model: its config read by the converter
+            from megatron_ext.convert import hf_to_run_config
+
+            if cfg.parallel.tensor_parallel_size != 1:
+                raise ConfigError(
+                    f"train.init_from={cfg.train.init_from!r} is a Hugging Face directory, read "
+                    "directly at tensor_parallel_size=1 only; convert it first (python -m "
+                    "megatron_ext.convert hf2mcore) to start at "
+                    f"parallel.tensor_parallel_size={cfg.parallel.tensor_parallel_size}")
+            source, saved = hf, hf_to_run_config(hf)
+        else:
+            source = _rank0(ckpt.resolve_checkpoint, cfg.train.init_from)
+            _rank0(ckpt.verify_checkpoint, source)
+            saved = load_config(source / "config.yaml")
         notes = check_switch(saved, cfg, cfg.train.init_from)
     if mode == "resume":  # the checkpoint is verified before anything is written
         source = _rank0(ckpt.resolve_checkpoint, cfg.train.out_dir)
@@ -240,7 +261,12 @@ def _train(cfg: RunConfig, mode: str, source: Path | None, notes: list[str], *,
     data = build_datasets(cfg.data, seed=t.seed, progress=progress and is_main())
     model = _build_model(cfg, vocab, device)
     if source is not None and mode != "resume":  # continued pretraining: weights only
-        load_megatron_checkpoint(model, source / "model")
+        if _hf_directory(source) is not None:
+            from megatron_ext.convert import load_hf_into
+
+            load_hf_into(model, source)  # converted on the fly, tensor by tensor
+        else:
+            load_megatron_checkpoint(model, source / "model")
     rows = world_layout()
 
     # ---- nothing was written before this line
