@@ -142,10 +142,10 @@ def _write_marker(partial: Path, marker: dict[str, Any]) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, partial / MARKER)
-    _fsync_dir(partial)
+    fsync_dir(partial)
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     """Make renames and new entries in `path` durable (POSIX; a no-op where unsupported)."""
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -188,7 +188,7 @@ def _publish(partial: Path, target: Path) -> None:
         if old is not None:
             os.rename(old, target)
         raise
-    _fsync_dir(target.parent)
+    fsync_dir(target.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 

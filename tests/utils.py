@@ -100,3 +100,23 @@ def run_distributed(
                 if p.is_alive():
                     p.terminate()
             raise TimeoutError(f"{fn.__name__} on {world_size} ranks: no result in {timeout} s")
+
+
+def tiny_hf_llama(tmp: Path, name: str = "hf") -> Path:
+    """A random 2-layer Llama (GQA, untied) saved by transformers under tmp/name, with the
+    package's tokenizer beside it (so its vocabulary is the tokenizer's)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from megatron_ext.data.tokenizer import load_tokenizer, to_hf_tokenizer
+
+    tok = load_tokenizer(None)
+    cfg = AutoConfig.for_model(
+        "llama", vocab_size=tok.get_vocab_size(), hidden_size=32, intermediate_size=48,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=256, initializer_range=0.2, tie_word_embeddings=False,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    out = tmp / name
+    AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").save_pretrained(out)
+    to_hf_tokenizer(tok).save_pretrained(out)
+    return out

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_ext.checkpoint import CheckpointError
+from megatron_ext.checkpoint import CheckpointError, fsync_dir
 
 FORMAT = "megatron_ext.training_checkpoint"
 VERSION = 1
@@ -48,19 +48,6 @@ PREFIX = "step_"
 
 def step_name(step: int) -> str:
     return f"{PREFIX}{step:08d}"
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _sha256(path: Path) -> str:
@@ -83,7 +70,7 @@ def _write_atomic(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def _broadcast_error(error: BaseException | None) -> None:
@@ -171,7 +158,7 @@ def save_checkpoint(root: Path, step: int, *, engine, rank_state: dict[str, Any]
                 shutil.rmtree(old, ignore_errors=True)
                 os.rename(target, old)
             os.rename(partial, target)
-            _fsync_dir(root)
+            fsync_dir(root)
             _write_atomic(root / LATEST, target.name + "\n")
             if old is not None:
                 shutil.rmtree(old, ignore_errors=True)

@@ -11,29 +11,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoModelForCausalLM
+from utils import tiny_hf_llama
 
-from megatron_ext.data.tokenizer import load_tokenizer, to_hf_tokenizer
 from megatron_ext.inference import load_model
 
 
-def _hf_llama(tmp: Path) -> Path:
-    tok = load_tokenizer(None)
-    cfg = AutoConfig.for_model(
-        "llama", vocab_size=tok.get_vocab_size(), hidden_size=32, intermediate_size=48,
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        max_position_embeddings=256, initializer_range=0.2, tie_word_embeddings=False,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
-    out = tmp / "hf_llama"
-    model.save_pretrained(out, safe_serialization=True)
-    to_hf_tokenizer(tok).save_pretrained(out)
-    return out
-
-
 def test_load_model_converts_an_hf_directory(tmp_path: Path, megatron_single_process) -> None:
-    hf_dir = _hf_llama(tmp_path)
+    hf_dir = tiny_hf_llama(tmp_path)
     tokens = torch.randint(0, 4000, (1, 40))
     hf = AutoModelForCausalLM.from_pretrained(hf_dir, attn_implementation="eager",
                                               dtype=torch.float32).eval()

@@ -15,31 +15,16 @@ from pathlib import Path
 
 import torch
 from train_utils import run_train
-from transformers import AutoConfig, AutoModelForCausalLM
-from utils import free_port
+from transformers import AutoModelForCausalLM
+from utils import free_port, tiny_hf_llama
 
 from megatron_ext.config import dump_config
-from megatron_ext.data.tokenizer import load_tokenizer, to_hf_tokenizer
 
 
-def _hf_llama(tmp: Path) -> Path:
-    tok = load_tokenizer(None)
-    cfg = AutoConfig.for_model(
-        "llama", vocab_size=tok.get_vocab_size(), hidden_size=32, intermediate_size=48,
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        max_position_embeddings=256, initializer_range=0.2, tie_word_embeddings=False,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    out = tmp / "hf"
-    AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").save_pretrained(out)
-    to_hf_tokenizer(tok).save_pretrained(out)
-    return out
-
-
-def test_init_from_an_hf_directory(tmp_path: Path) -> None:
+def test_init_from_an_hf_directory(tmp_path: Path, megatron_single_process) -> None:
     from megatron_ext.convert import hf_to_run_config
 
-    hf = _hf_llama(tmp_path)
+    hf = tiny_hf_llama(tmp_path)
     run_yaml = tmp_path / "run.yaml"
     run_yaml.write_text(dump_config(hf_to_run_config(hf)))
     base = ["--config", str(run_yaml), "--no-progress", "--set", f"train.init_from={hf}",
