@@ -14,7 +14,7 @@ from megatron_ext.config import config_from_dict
 from megatron_ext.specs import build_gpt_model
 
 
-@pytest.fixture(scope="package")
+@pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     created = not dist.is_initialized()
     if created:
