@@ -173,9 +173,16 @@ def render(plan: dict, out_md: str | os.PathLike = "docs/scorecard.md") -> Path:
         if pk is None:
             lines.append(f"| {n} | — | — | not measured at 32× |")
             continue
-        if n == "rope":
-            ok = pk < 0.5
-            why = "collapses, as expected" if ok else "does not collapse"
+        if n == "rope":  # the control: it only shows a collapse where there was skill at 1x
+            if in_dist is not None and in_dist >= 0.5 and pk < 0.5:
+                why = "collapses in passkey, as expected"
+            elif ratio is not None and ratio > 1 + PPL_TOLERANCE:
+                why = "collapses in perplexity, as expected"
+            elif in_dist is not None and in_dist < 0.5:
+                why = (f"no collapse to show: passkey is {_pct(in_dist)}% already at 1× and "
+                       "perplexity does not rise with length at this budget")
+            else:
+                why = "does not collapse"
         else:
             ok = pk >= PASSKEY_TARGET and ratio is not None and ratio <= 1 + PPL_TOLERANCE
             why = "met" if ok else "missed"
