@@ -51,3 +51,15 @@ def megatron_single_process():
     yield
     ps.destroy_model_parallel()
     dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def world_of_one():
+    """A one-rank process group (launcher environment or defaults) for a test module."""
+    import torch.distributed as dist
+
+    from megatron_ext.dist import init_distributed
+
+    init_distributed()
+    yield
+    dist.destroy_process_group()

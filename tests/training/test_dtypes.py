@@ -16,21 +16,11 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from megatron_ext.config import load_config
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def world_of_one():
-    from megatron_ext.dist import init_distributed
-
-    init_distributed()
-    yield
-    dist.destroy_process_group()
 
 
 def _run(out: Path, *overrides: str) -> list[float]:

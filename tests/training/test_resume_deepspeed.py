@@ -15,22 +15,12 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch.distributed as dist
 from train_utils import metrics
 
 from megatron_ext.config import load_config
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def world_of_one():
-    from megatron_ext.dist import init_distributed
-
-    init_distributed()
-    yield
-    dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("stage", [2, 3])
