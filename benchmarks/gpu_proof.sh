@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # The GPU check in one prepared run (< 8 minutes on one H200), results under $OUT:
-#   1. install the carried wheels (benchmarks/gpu_wheels.sh made them) into /tmp/site;
+#   1. install the wheels in .whl/ (benchmarks/gpu_wheels.sh made them) into /tmp/site;
 #   2. the `gpu`-marked tests (bf16 kernels, training steps on CUDA);
 #   3. the kernel benchmark (Triton, DCA, CoCA vs SDPA flash / cuDNN) -> docs/benchmarks.md rows;
 #   4. a whole-model CP-free training step per method (tokens/s) on CUDA.
 # Each stage has its own time limit and the script goes on after a failure, so one broken stage
-# does not cost the others. Device call:
-#   run(command="bash benchmarks/gpu_proof.sh", carry=[".whl"], timeout_s=560)
+# does not cost the others. Copy .whl/ along with the checkout to the GPU machine, then:
+#   bash benchmarks/gpu_proof.sh        (OUT=<folder for the logs>, default /tmp/gpu_proof)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_proof}

@@ -2,7 +2,8 @@
 # Prepare, on a machine with PyPI, the wheels the GPU machine lacks (it has Python 3.12, torch,
 # triton, transformers, pytest but no registry): megatron-core, DeepSpeed (a source package, built
 # here as a wheel with no compiled ops) and their missing pure or binary dependencies, into .whl/
-# (git-ignored through .git/info/exclude). Then run benchmarks/gpu_proof.sh there with .whl carried.
+# (git-ignored through .git/info/exclude). Copy .whl/ with the checkout to the GPU machine and run
+# benchmarks/gpu_proof.sh there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
