@@ -7,7 +7,7 @@ from collections.abc import Iterable
 
 import torch
 
-__all__ = ["hf_inference_loader", "register_inference_loader"]
+__all__ = ["hf_inference_loader"]
 
 _DT = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -36,10 +36,3 @@ def hf_inference_loader(path: str | os.PathLike, overrides: Iterable[str] = (), 
     load_hf_into(model, path)
     model = model.to(device=torch.device(device), dtype=_DT[dtype]).eval()
     return from_model(model, cfg, load_tokenizer(cfg.data.tokenizer))
-
-
-def register_inference_loader() -> None:
-    """Make `megatron_ext.inference.load_model` accept HF directories."""
-    from megatron_ext.inference.loader import register_hf_loader
-
-    register_hf_loader(hf_inference_loader)

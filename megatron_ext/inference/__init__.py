@@ -11,7 +11,6 @@ from megatron_ext.inference.generation import GenerationStats, Session
 from megatron_ext.inference.loader import (
     from_model,
     load_model,
-    register_hf_loader,
     resolve_checkpoint,
 )
 from megatron_ext.inference.model import InferenceModel, peak_memory_bytes
@@ -25,7 +24,6 @@ __all__ = [
     "from_model",
     "load_model",
     "peak_memory_bytes",
-    "register_hf_loader",
     "resolve_checkpoint",
     "sample",
 ]

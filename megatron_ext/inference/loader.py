@@ -8,8 +8,7 @@ Accepted paths:
 - a run directory with a ``latest`` pointer (a file holding the step directory's name, or a
   symbolic link to it);
 - a Hugging Face directory (``config.json`` without our marker): handed to the loader
-  registered with ``register_hf_loader``, else converted on the fly by the conversion package
-  (``megatron_ext.convert``).
+  converted on the fly by the conversion package (``megatron_ext.convert``).
 
 Overrides are ``--set``-style keys (``{"attention.variant": "dca", "attention.dca":
 {"chunk_size": 768, "local_size": 128}}``) applied to the stored run config before the model is
@@ -24,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -41,22 +40,9 @@ from megatron_ext.checkpoint import (
 from megatron_ext.config import RunConfig, load_config
 from megatron_ext.inference.model import InferenceModel
 
-__all__ = ["from_model", "load_model", "register_hf_loader", "resolve_checkpoint"]
+__all__ = ["from_model", "load_model", "resolve_checkpoint"]
 
 _DTYPES = ("fp32", "bf16", "fp16")
-_hf_loader: Callable[..., InferenceModel] | None = None
-
-
-def register_hf_loader(fn: Callable[..., InferenceModel] | None) -> None:
-    """Install the function that loads a Hugging Face directory.
-
-    It is called as ``fn(path, overrides=[...], device=..., dtype=...)`` and returns an
-    ``InferenceModel`` (e.g. by converting the weights and calling ``from_model``).
-    """
-    global _hf_loader
-    _hf_loader = fn
-
-
 def _latest(run_dir: Path) -> Path:
     ptr = run_dir / "latest"
     target = ptr.resolve() if ptr.is_symlink() else run_dir / ptr.read_text().strip()
@@ -160,10 +146,9 @@ def load_model(
     sets = _override_strings(overrides)
     p = Path(path)
     if p.is_dir() and (p / "config.json").is_file() and not (p / MARKER).exists():
-        loader = _hf_loader
-        if loader is None:  # the conversion package converts it on the fly, in memory
-            from megatron_ext.convert.inference_hook import hf_inference_loader as loader
-        return loader(p, overrides=sets, device=device, dtype=dtype)
+        from megatron_ext.convert.inference_hook import hf_inference_loader
+
+        return hf_inference_loader(p, overrides=sets, device=device, dtype=dtype)
     ckpt, config_file = resolve_checkpoint(p)
     cfg = load_config(config_file, sets)
     marker = read_checkpoint_info(ckpt)

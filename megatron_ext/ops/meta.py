@@ -20,7 +20,7 @@ from typing import NamedTuple
 
 import torch
 
-from megatron_ext.ops.documents import document_lengths
+from megatron_ext.ops.documents import document_lengths, document_runs
 
 __all__ = ["Meta", "call_metas", "cat_meta", "offset_metas", "rope_length", "token_meta"]
 
@@ -115,8 +115,6 @@ def offset_metas(
     Returns:
         (q_meta, k_meta), CPU int64 [B, Sq] / [B, Sk].
     """
-    from megatron_ext.ops.documents import document_runs
-
     if isinstance(q_offset, bool) or not isinstance(q_offset, int) or q_offset < 0:
         raise ValueError(f"q_offset={q_offset!r}; expected an int >= 0")
     if doc_ids is None:
