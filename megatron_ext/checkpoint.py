@@ -145,6 +145,14 @@ def _write_marker(partial: Path, marker: dict[str, Any]) -> None:
     fsync_dir(partial)
 
 
+def read_json(path: Path, error: type[Exception] = CheckpointError) -> Any:
+    """The JSON in `path`; a file that is not valid JSON raises `error` naming it."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise error(f"{path} is corrupt (not valid JSON: {e})") from e
+
+
 def fsync_dir(path: Path) -> None:
     """Make renames and new entries in `path` durable (POSIX; a no-op where unsupported)."""
     try:
@@ -294,10 +302,7 @@ def read_checkpoint_info(directory: str | os.PathLike) -> dict[str, Any]:
             f"{path} has no {MARKER}: not a complete megatron_ext checkpoint (a save that did "
             "not finish, or a directory written by other code)"
         )
-    try:
-        marker = json.loads(marker_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{marker_path} is corrupt (not valid JSON: {e})") from e
+    marker = read_json(marker_path)
     if not isinstance(marker, dict) or marker.get("format") != FORMAT:
         raise CheckpointError(f"{marker_path} is not a {FORMAT} marker")
     if marker.get("version") != FORMAT_VERSION:

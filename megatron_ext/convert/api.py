@@ -53,11 +53,9 @@ def read_hf_spec(hf_dir: str | os.PathLike) -> HFSpec:
     if not path.is_file():
         raise ConversionError(f"{Path(hf_dir)} has no config.json: not a Hugging Face model "
                               "directory")
-    try:
-        hf = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConversionError(f"{path} is corrupt (not valid JSON: {e})") from e
-    return from_hf_config(hf)
+    from megatron_ext.checkpoint import read_json
+
+    return from_hf_config(read_json(path, ConversionError))
 
 
 def hf_to_run_config(hf_dir: str | os.PathLike, base: RunConfig | None = None) -> RunConfig:

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_ext.checkpoint import CheckpointError, fsync_dir
+from megatron_ext.checkpoint import CheckpointError, fsync_dir, read_json
 
 FORMAT = "megatron_ext.training_checkpoint"
 VERSION = 1
@@ -218,10 +218,7 @@ def verify_checkpoint(directory: Path) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"{directory} has no {MANIFEST}: an incomplete save or not a "
                               "training checkpoint")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path} is corrupt: {e}") from e
+    manifest = read_json(path)
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a {FORMAT} manifest")
     if manifest.get("version") != VERSION:
