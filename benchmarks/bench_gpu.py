@@ -6,8 +6,9 @@ Rows (``--families``; each family is timed on the same shapes):
 - causal: ``triton_attention``; ``attention_func`` (auto dispatch); torch SDPA with the flash and
   cuDNN backends forced; ``flash_attn_func`` when flash-attn is importable.
 - dca: ``dual_chunk_attn_func`` (fused Triton kernel on CUDA; its time includes the four RoPE
-  rotations), and the torch pass-based path up to ``--dca-torch-max`` (it is much slower).
-- coca: ``coca_attn_func`` (fused Triton prologue + attention_func).
+  rotations); the three passes on PyTorch's fused kernels with lse (cuDNN or flash pieces,
+  ``ops/sdpa_tiles.py``); and the torch pass-based path up to ``--dca-torch-max`` (much slower).
+- coca: ``coca_attn_func`` slack and strict (fused Triton prologue, then SDPA on CUDA).
 
 FLOPs are the standard causal count for every row: forward ``4 * B * H * S^2 * D / 2``, backward
 2.5x forward (flash-attention's convention; DCA computes exactly the causal pairs, CoCA adds only
@@ -31,7 +32,9 @@ device name) and leaves the rest of the file alone.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
+import os
 import statistics
 import sys
 import time
@@ -50,6 +53,7 @@ import doc_tables  # noqa: E402
 
 from megatron_ext.ops import attention_func, coca_attn_func, dual_chunk_attn_func  # noqa: E402
 from megatron_ext.ops.backend import choose_backend, force_backend, installed  # noqa: E402
+from megatron_ext.ops.sdpa_tiles import ENGINE_VAR  # noqa: E402
 from megatron_ext.ops.triton import triton_attention, triton_available  # noqa: E402
 
 DOC = ROOT / "docs" / "benchmarks.md"
@@ -91,6 +95,23 @@ def _dca_torch(x: dict, m: int, w: int) -> torch.Tensor:
         return dual_chunk_attn_func(x["q"], x["k"], x["v"], chunk_size=m, local_size=w)
 
 
+@contextlib.contextmanager
+def _sdpa_engine(engine: str):
+    """Interval pieces on PyTorch's fused kernels with the given engine (ops/sdpa_tiles.py)."""
+    old = os.environ.get(ENGINE_VAR)
+    os.environ[ENGINE_VAR] = engine
+    try:
+        with force_backend("sdpa"):
+            yield
+    finally:
+        os.environ.pop(ENGINE_VAR) if old is None else os.environ.update({ENGINE_VAR: old})
+
+
+def _dca_sdpa(x: dict, m: int, w: int, engine: str) -> torch.Tensor:
+    with _sdpa_engine(engine):
+        return dual_chunk_attn_func(x["q"], x["k"], x["v"], chunk_size=m, local_size=w)
+
+
 def build_impls(dca_m: int, dca_w: int, dca_torch_max: int) -> list[Impl]:
     """Every implementation this run may time (filtered later by device and family)."""
     try:
@@ -108,9 +129,15 @@ def build_impls(dca_m: int, dca_w: int, dca_torch_max: int) -> list[Impl]:
         Impl("causal", "sdpa-math", _sdpa("MATH"), "bhsd", max_s=4096),
         Impl("dca", f"dca fused (M={dca_m}, W={dca_w})", lambda x: dual_chunk_attn_func(
             x["q"], x["k"], x["v"], chunk_size=dca_m, local_size=dca_w), needs_cuda=True),
+        Impl("dca", "dca passes on cuDNN pieces", lambda x: _dca_sdpa(x, dca_m, dca_w, "cudnn"),
+             needs_cuda=True),
+        Impl("dca", "dca passes on flash pieces", lambda x: _dca_sdpa(x, dca_m, dca_w, "flash"),
+             needs_cuda=True),
         Impl("dca", "dca torch passes", lambda x: _dca_torch(x, dca_m, dca_w),
              max_s=dca_torch_max),
         Impl("coca", "coca slack", lambda x: coca_attn_func(x["q"], x["k"], x["v"])),
+        Impl("coca", "coca strict", lambda x: coca_attn_func(x["q"], x["k"], x["v"],
+                                                             form="strict")),
     ]  # fmt: skip
     if has_fa:
         impls.append(Impl("causal", "flash-attn", _flash_attn, needs_cuda=True))

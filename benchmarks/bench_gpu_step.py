@@ -3,11 +3,12 @@
 A GPTModel of about 1B parameters (``--size 1b``: 16 layers, hidden 2048, 16 heads / 8 KV heads,
 SwiGLU 5632) on one packed row of ``--seq`` tokens (two documents), bf16 on CUDA, is run
 forward + backward with the loss through ``gpt_forward`` (the path training takes), for RoPE,
-DCA, CoCA and a Cohere2-style hybrid. Reported: median step time of ``--reps`` after a warm-up,
-tokens/s, and model TFLOP/s with FLOPs = 6 * params * tokens + causal attention
-(6 * layers * S^2 * hidden, forward + backward, half the square). ``--size tiny`` runs the same
-on CPU in seconds (a smoke test of the script). ``--write`` adds the table to
-docs/benchmarks.md (section ``bench_gpu_step``) with the device named.
+DCA (also with its passes on cuDNN pieces), CoCA and a Cohere2-style hybrid. Reported: median
+step time of ``--reps`` after a warm-up, tokens/s, model TFLOP/s and MFU (over ``--peak-tflops``)
+with FLOPs = 6 * params * tokens + causal attention (6 * layers * S^2 * hidden, forward +
+backward, half the square). ``--size tiny`` runs the same on CPU in seconds (a smoke test of
+the script). ``--write`` adds the table to docs/benchmarks.md (section ``bench_gpu_step``)
+with the device named.
 
 Usage::
 
@@ -43,10 +44,14 @@ METHODS = {
     "rope": ["attention.variant=rope"],
     "dca": ["attention.variant=dca", "attention.dca.chunk_size=6144",
             "attention.dca.local_size=1024"],
+    "dca-cudnn-pieces": ["attention.variant=dca", "attention.dca.chunk_size=6144",
+                         "attention.dca.local_size=1024"],
     "coca": ["attention.variant=coca"],
     "hybrid-swa": ["attention.variant=hybrid", "attention.hybrid.preset=cohere2",
                    "attention.hybrid.window=4096"],
 }
+FORCED = {"dca-cudnn-pieces": "sdpa"}
+"""Methods run under a forced attention backend (the DCA passes on cuDNN pieces)."""
 VOCAB = 32000
 
 
@@ -58,6 +63,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     ap.add_argument("--write", action="store_true")
+    ap.add_argument("--peak-tflops", type=float, default=989.0,
+                    help="dense bf16 peak of the GPU for MFU (H100 / H200 SXM datasheet: 989)")
     args = ap.parse_args()
 
     import torch.distributed as dist
@@ -66,6 +73,7 @@ def main() -> None:
 
     from megatron_ext.config import load_config
     from megatron_ext.layers.forward import gpt_forward
+    from megatron_ext.ops import force_backend
     from megatron_ext.specs import build_gpt_model
 
     cuda = torch.cuda.is_available()
@@ -87,6 +95,8 @@ def main() -> None:
                                 dtype="bf16" if cuda else "fp32").to(dev)
         n_params = sum(p.numel() for p in model.parameters())
         times = []
+        forced = force_backend(FORCED.get(name))
+        forced.__enter__()
         for i in range(args.reps + 1):
             if cuda:
                 torch.cuda.synchronize()
@@ -99,19 +109,21 @@ def main() -> None:
             if i:
                 times.append(time.perf_counter() - t0)
             model.zero_grad(set_to_none=True)
+        forced.__exit__(None, None, None)
         t = statistics.median(times)
         m = cfg.model
         flops = 6 * n_params * S + 6 * m.num_layers * S * S * m.hidden_size
         rows.append((name, n_params, t, S / t, flops / t / 1e12))
-        print(f"{name:11s} params {n_params / 1e9:.2f} B  step {t * 1e3:8.1f} ms  "
+        print(f"{name:16s} params {n_params / 1e9:.2f} B  step {t * 1e3:8.1f} ms  "
               f"{S / t:10,.0f} tok/s  {flops / t / 1e12:7.1f} TFLOP/s", flush=True)
         del model
         if cuda:
             torch.cuda.empty_cache()
     table = "\n".join(
-        ["| method | params | step (ms) | tokens/s | model TFLOP/s |", "|---|---|---|---|---|"]
-        + [f"| {n} | {p / 1e9:.2f} B | {t * 1e3:.1f} | {tps:,.0f} | {tf:.1f} |"
-           for n, p, t, tps, tf in rows]
+        ["| method | params | step (ms) | tokens/s | model TFLOP/s | MFU |",
+         "|---|---|---|---|---|---|"]
+        + [f"| {n} | {p / 1e9:.2f} B | {t * 1e3:.1f} | {tps:,.0f} | {tf:.1f} | "
+           f"{tf / args.peak_tflops:.1%} |" for n, p, t, tps, tf in rows]
     )
     print(table)
     if args.write:

@@ -29,6 +29,7 @@ import torch
 from megatron_ext.ops import blockwise
 from megatron_ext.ops.backend import forced_backend, resolve_backend
 from megatron_ext.ops.cpu_flash import FusedCPUTiles, fused_cpu_available
+from megatron_ext.ops.sdpa_tiles import SDPATiles, sdpa_engine
 from megatron_ext.ops.triton import HEAD_DIMS, triton_attention_supported
 from megatron_ext.ops.triton import intervals as triton_intervals
 
@@ -40,8 +41,15 @@ __all__ = [
 
 def _tiles(x: torch.Tensor) -> str:
     """Tile kernel for queries like x, as ``backend`` resolves it: "cpu" (fused ATen CPU
-    kernel), "torch" (plain torch tiles, any device) or "triton" (the Triton kernels)."""
+    kernel), "torch" (plain torch tiles, any device), "sdpa" (PyTorch's fused kernels with their
+    lse, ``sdpa_tiles.py``) or "triton" (the Triton kernels)."""
     name = resolve_backend(x, "intervals")
+    if name == "sdpa":
+        if x.device.type == "cuda" and x.dtype not in (torch.float16, torch.bfloat16):
+            raise ValueError(f"backend 'sdpa' needs fp16 / bf16 on CUDA (got {x.dtype})")
+        if x.device.type == "cpu" and not fused_cpu_available():
+            raise ValueError("backend 'sdpa' on CPU needs torch's fused CPU kernel")
+        return "sdpa"
     if name in ("cpu_fused", "cpu_blockwise"):
         if x.device.type != "cpu" or not fused_cpu_available():
             raise ValueError(f"backend {name!r} needs CPU tensors and torch's fused CPU kernel")
@@ -51,25 +59,30 @@ def _tiles(x: torch.Tensor) -> str:
     if name != "torch_blockwise":
         raise ValueError(
             f"backend {name!r} has no kernel for per-row key intervals (CP blocks, DCA passes); "
-            "use 'triton', 'torch_blockwise' or 'cpu_blockwise'"
+            "use 'triton', 'sdpa', 'torch_blockwise' or 'cpu_blockwise'"
         )
     return "torch"
 
 
-def _kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, fused: bool):
-    """Tile kernel for [B, H, S, D] views: fused ATen on CPU, plain torch elsewhere."""
-    if fused:  # fp32 maths for half inputs: partial results get merged afterwards
+def _kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, plan: TilePlan):
+    """The plan's tile kernel ("cpu", "sdpa", "torch") for [B, H, S, D] views."""
+    if plan.kernel == "cpu":  # fp32 maths for half inputs: partial results get merged afterwards
         return FusedCPUTiles(q, k, v, scale, upcast=True)
+    if plan.kernel == "sdpa":
+        return SDPATiles(q, k, v, scale, engine=plan.engine)
     return blockwise.TorchTiles(q, k, v, scale)
 
 
 @dataclass(frozen=True)
 class TilePlan:
-    """Query blocks and key pieces for the torch or fused CPU tile kernels."""
+    """Query blocks and key pieces for the torch, fused CPU or SDPA tile kernels."""
 
     blocks: list[blockwise.Block]
-    fused: bool
-    """Fused ATen CPU tiles (else plain torch tiles)."""
+    kernel: str
+    """"cpu" (fused ATen CPU tiles), "sdpa" (``sdpa_tiles.SDPATiles``) or "torch"."""
+    engine: str | None = None
+    """The SDPA engine (``sdpa_tiles.sdpa_engine``), fixed when planned so the backward uses
+    the forward's."""
 
 
 Plan = TilePlan | triton_intervals.TritonIntervals
@@ -120,7 +133,7 @@ def plan_intervals(
                 f"(Sq={lo.shape[1]}, Sk={keys}); use 'torch_blockwise' for this call"
             )
         tiles = "torch"
-    fused = tiles == "cpu"
+    fused = tiles in ("cpu", "sdpa")  # kernels that tile internally take whole row blocks
     blocks = blockwise.plan_blocks(
         lo,
         hi,
@@ -130,7 +143,8 @@ def plan_intervals(
         block_k=512,
         split_full=not fused,
     )
-    return lo, hi, TilePlan(blocks, fused)
+    engine = sdpa_engine(like.device) if tiles == "sdpa" else None
+    return lo, hi, TilePlan(blocks, tiles, engine)
 
 
 def interval_forward(
@@ -152,7 +166,7 @@ def interval_forward(
     cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
     out = torch.zeros(B, Sq, H, D, dtype=cdt, device=q.device)
     lse = torch.full((B, H, Sq), float("-inf"), dtype=cdt, device=q.device)
-    kern = _kernel(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale, plan.fused)
+    kern = _kernel(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale, plan)
     blockwise.run_forward(kern, plan.blocks, lo, hi, out.transpose(1, 2), lse)
     return out, lse
 
@@ -192,7 +206,7 @@ def interval_backward(
         dk += gk.to(dk.dtype)
         dv += gv.to(dv.dtype)
         return dq.to(dk.dtype)
-    kern = _kernel(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale, plan.fused)
+    kern = _kernel(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale, plan)
     kern.set_grads(dout.transpose(1, 2), out.transpose(1, 2), lse, dlse)
     dq = torch.zeros(q.shape, dtype=dk.dtype, device=q.device)
     blockwise.run_backward(

@@ -253,7 +253,8 @@ def attention_bwd(
     Args:
         out, lse: the forward's outputs; dout: [B, Sq, H, D]; dlse: [B, H, Sq] or None.
         config: BLOCK_M_DQ / BLOCK_N_DQ of the dq kernel, BLOCK_M_KV / BLOCK_N_KV of the
-            dk/dv kernel, num_warps, num_stages.
+            dk/dv kernel, num_warps, num_stages (``num_warps_bwd`` / ``num_stages_bwd`` when
+            the backward wants others than the forward).
         col_docs: bounds read by the dk/dv kernel in place of ``docs`` (the query rows that see
             each key, when they are not the key's document: per-row key intervals).
 
@@ -282,7 +283,8 @@ def attention_bwd(
     meta |= {
         "NV": NV, "MODE": mode, "CAUSAL": causal, "WINDOW": window is not None,
         "HAS_DOC": docs is not None, "PREC": dot_precision(qs),
-        "num_warps": config["num_warps"], "num_stages": config["num_stages"],
+        "num_warps": config.get("num_warps_bwd", config["num_warps"]),
+        "num_stages": config.get("num_stages_bwd", config["num_stages"]),
     }  # fmt: skip
     grid_kv = (triton.cdiv(Sk, config["BLOCK_N_KV"]), B * Hkv)
     cs, ce = col_docs if col_docs is not None else (ds, de)

@@ -58,8 +58,9 @@ _GPU_CONFIGS = {
 }
 _CONFIG_KEYS = (
     "BLOCK_M", "BLOCK_N", "BLOCK_M_DQ", "BLOCK_N_DQ", "BLOCK_M_KV", "BLOCK_N_KV", "num_warps",
-    "num_stages",
+    "num_stages", "num_warps_bwd", "num_stages_bwd",
 )  # fmt: skip
+"""A configuration tuple may stop after ``num_stages``: the backward then uses the forward's."""
 
 
 def _gpu_config(q: torch.Tensor) -> dict:
