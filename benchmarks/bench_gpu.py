@@ -8,6 +8,8 @@ Rows (``--families``; each family is timed on the same shapes):
 - dca: ``dual_chunk_attn_func`` (fused Triton kernel on CUDA; its time includes the four RoPE
   rotations); the three passes on PyTorch's fused kernels with lse (cuDNN or flash pieces,
   ``ops/sdpa_tiles.py``); and the torch pass-based path up to ``--dca-torch-max`` (much slower).
+- cp: the context-parallel ring's diagonal block (``block_attention``, causal, with lse) on the
+  Triton interval kernel and on cuDNN pieces.
 - coca: ``coca_attn_func`` slack and strict (fused Triton prologue, then SDPA on CUDA).
 
 FLOPs are the standard causal count for every row: forward ``4 * B * H * S^2 * D / 2``, backward
@@ -51,7 +53,12 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import doc_tables  # noqa: E402
 
-from megatron_ext.ops import attention_func, coca_attn_func, dual_chunk_attn_func  # noqa: E402
+from megatron_ext.ops import (  # noqa: E402
+    attention_func,
+    block_attention,
+    coca_attn_func,
+    dual_chunk_attn_func,
+)
 from megatron_ext.ops.backend import choose_backend, force_backend, installed  # noqa: E402
 from megatron_ext.ops.sdpa_tiles import ENGINE_VAR  # noqa: E402
 from megatron_ext.ops.triton import triton_attention, triton_available  # noqa: E402
@@ -112,6 +119,13 @@ def _dca_sdpa(x: dict, m: int, w: int, engine: str) -> torch.Tensor:
         return dual_chunk_attn_func(x["q"], x["k"], x["v"], chunk_size=m, local_size=w)
 
 
+def _cp_block(x: dict, backend: str) -> torch.Tensor:
+    """The CP ring's diagonal (causal) block call, on the given interval backend."""
+    pos = torch.arange(x["q"].shape[1], device=x["q"].device)
+    with _sdpa_engine("cudnn") if backend == "sdpa" else force_backend(backend):
+        return block_attention(x["q"], x["k"], x["v"], q_positions=pos, k_positions=pos)[0]
+
+
 def build_impls(dca_m: int, dca_w: int, dca_torch_max: int) -> list[Impl]:
     """Every implementation this run may time (filtered later by device and family)."""
     try:
@@ -135,6 +149,10 @@ def build_impls(dca_m: int, dca_w: int, dca_torch_max: int) -> list[Impl]:
              needs_cuda=True),
         Impl("dca", "dca torch passes", lambda x: _dca_torch(x, dca_m, dca_w),
              max_s=dca_torch_max),
+        Impl("cp", "CP diagonal block, Triton", lambda x: _cp_block(x, "triton"),
+             needs_cuda=True),
+        Impl("cp", "CP diagonal block, cuDNN pieces", lambda x: _cp_block(x, "sdpa"),
+             needs_cuda=True),
         Impl("coca", "coca slack", lambda x: coca_attn_func(x["q"], x["k"], x["v"])),
         Impl("coca", "coca strict", lambda x: coca_attn_func(x["q"], x["k"], x["v"],
                                                              form="strict")),
@@ -257,7 +275,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help=f"S in {QUICK_SIZES}, print only")
     p.add_argument("--sizes", type=int, nargs="*", help="override the sequence lengths")
-    p.add_argument("--families", nargs="*", default=["causal", "dca", "coca"])
+    p.add_argument("--families", nargs="*", default=["causal", "dca", "cp", "coca"])
     p.add_argument("--head-dim", type=int, default=128, help="D; H = 2048 // D heads")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--dca-chunk-size", type=int, default=3072, help="M (Llama-2 ChunkLlama)")
@@ -286,7 +304,7 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             try:
                 rows.append(measure(impl, S, B, H, D, dtype, device, args.reps))
-            except (RuntimeError, torch.cuda.OutOfMemoryError) as e:  # OOM, missing backend
+            except Exception as e:  # OOM, missing backend, unsupported input: a row, not a crash
                 msg = "OOM" if "out of memory" in str(e) else f"n/a ({type(e).__name__})"
                 rows.append({"family": impl.family, "impl": impl.name, "S": S, "error": msg})
             if device.type == "cuda":

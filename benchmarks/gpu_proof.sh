@@ -10,6 +10,7 @@
 # does not cost the others; stages 2-5 write their tables into docs/benchmarks.md, copied to
 # $OUT. Copy .whl/ along with the checkout to the GPU machine, then:
 #   bash benchmarks/gpu_proof.sh        (OUT=<folder for the logs>, default /tmp/gpu_proof)
+# STAGES="numerics bench tune step tests" (the default) picks which stages run.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_proof}
@@ -24,20 +25,24 @@ python3 -c "import torch, triton, megatron.core, deepspeed, megatron_ext; print(
 triton.__version__, torch.cuda.get_device_name(0), megatron.core.__version__, \
 deepspeed.__version__)" 2>&1 | tee -a "$S"
 
-stage() {  # stage NAME SECONDS LOG COMMAND...
-  local name=$1 secs=$2 log=$3; shift 3
+STAGES=${STAGES:-numerics bench tune step tests}
+STEP_METHODS=${STEP_METHODS:-rope dca dca-cudnn-pieces coca hybrid-swa}
+stage() {  # stage KEY NAME SECONDS LOG COMMAND...
+  local key=$1 name=$2 secs=$3 log=$4; shift 4
+  [[ " $STAGES " == *" $key "* ]] || return 0
   echo "== $name" | tee -a "$S"
   local t0=$SECONDS
   timeout "$secs" "$@" > "$OUT/$log" 2>&1
   echo "   rc=$? in $((SECONDS - t0)) s" | tee -a "$S"
   tail -25 "$OUT/$log" >> "$S"
 }
-stage numerics 70 numerics.log python3 benchmarks/gpu_numerics.py --write
-stage "kernel benchmark" 150 bench_gpu.log \
+stage numerics numerics 70 numerics.log python3 benchmarks/gpu_numerics.py --write
+stage bench "kernel benchmark" 170 bench_gpu.log \
   python3 benchmarks/bench_gpu.py --write --sizes 4096 16384 65536
-stage "triton tile sweep" 100 tune.log python3 benchmarks/tune_triton.py --budget-s 70 --write
-stage "model step per method" 90 bench_step.log python3 benchmarks/bench_gpu_step.py --write
-stage "gpu tests" 110 gpu_tests.log \
+stage tune "triton tile sweep" 100 tune.log python3 benchmarks/tune_triton.py --budget-s 70 --write
+stage step "model step per method" 200 bench_step.log \
+  python3 benchmarks/bench_gpu_step.py --write --reps 2 --methods $STEP_METHODS
+stage tests "gpu tests" 150 gpu_tests.log \
   python3 -m pytest -q -m gpu tests/ -p no:cacheprovider --durations=5
 cp docs/benchmarks.md "$OUT/benchmarks.md"
 tail -40 "$S"

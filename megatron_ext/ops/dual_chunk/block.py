@@ -179,7 +179,7 @@ class _DualChunkPassesFunc(torch.autograd.Function):
         cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
         parts = []
         for i, lo, hi, plan in passes:
-            q_rot = rotate_by_tables(q, *tables[i])
+            q_rot = rotate_by_tables(q, *tables[i]).to(q.dtype)  # fp32 maths, q's dtype out
             parts.append(interval_forward(q_rot, k_rot, v, lo, hi, plan, scale))
             del q_rot
         if not parts:
@@ -203,7 +203,7 @@ class _DualChunkPassesFunc(torch.autograd.Function):
         dv = torch.zeros(v.shape, dtype=out.dtype, device=v.device)
         for i, lo, hi, plan in ctx.passes:
             cos, sin = ctx.tables[i]
-            q_rot = rotate_by_tables(q, cos, sin)
+            q_rot = rotate_by_tables(q, cos, sin).to(q.dtype)
             args = (lo, hi, plan, ctx.scale, dout, out, lse, dlse, dk, dv)
             dq_rot = interval_backward(q_rot, k_rot, v, *args)
             dq += rotate_by_tables(dq_rot, cos.to(dq.dtype), sin.to(dq.dtype), inverse=True)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from megatron_ext.ops.backend import resolve_backend
 from megatron_ext.ops.dual_chunk import triton_dca
 from megatron_ext.ops.dual_chunk.block import dca_rotate_keys, dual_chunk_block
 from megatron_ext.ops.dual_chunk.positions import check_chunk_args, dca_temperature
@@ -55,6 +56,12 @@ class DCAParams:
         """ChunkLlama's cos/sin multiplier (q and k both carry it: rotated logits x mscale^2)."""
         f = self.extension_factor
         return 1.0 + 0.05 * math.log(f) if f is not None and f > 1 else 1.0
+
+
+def _half_tiles(q: torch.Tensor) -> bool:
+    """Whether the pass kernels take half inputs as they are (Triton intervals, SDPA pieces on
+    CUDA); their partial results are fp32 either way, so nothing is lost by not upcasting."""
+    return q.is_cuda and resolve_backend(q, "intervals") in ("triton", "sdpa")
 
 
 class DualChunkAttention(AttentionMethod):
@@ -124,8 +131,8 @@ class DualChunkAttention(AttentionMethod):
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qm: Meta, km: Meta,
         rope_len: int,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if q.dtype in (torch.float16, torch.bfloat16):  # partials are merged in fp32
-            q, k, v = q.float(), k.float(), v.float()
+        if q.dtype in (torch.float16, torch.bfloat16) and not _half_tiles(q):
+            q, k, v = q.float(), k.float(), v.float()  # torch tiles: rotate in fp32
         # Padding never meets a real token: its own document ids (-2 queries, -1 keys).
         q_doc = torch.where(qm.positions >= 0, qm.doc_ids, -2)
         k_doc = torch.where(km.positions >= 0, km.doc_ids, -1)
