@@ -27,6 +27,7 @@ deepspeed.__version__)" 2>&1 | tee -a "$S"
 
 STAGES=${STAGES:-numerics bench tune step tests}
 STEP_METHODS=${STEP_METHODS:-rope dca dca-cudnn-pieces coca hybrid-swa}
+BENCH_ARGS=${BENCH_ARGS:---sizes 4096 16384 65536}
 stage() {  # stage KEY NAME SECONDS LOG COMMAND...
   local key=$1 name=$2 secs=$3 log=$4; shift 4
   [[ " $STAGES " == *" $key "* ]] || return 0
@@ -38,7 +39,7 @@ stage() {  # stage KEY NAME SECONDS LOG COMMAND...
 }
 stage numerics numerics 70 numerics.log python3 benchmarks/gpu_numerics.py --write
 stage bench "kernel benchmark" 170 bench_gpu.log \
-  python3 benchmarks/bench_gpu.py --write --sizes 4096 16384 65536
+  python3 benchmarks/bench_gpu.py --write $BENCH_ARGS
 stage tune "triton tile sweep" 100 tune.log python3 benchmarks/tune_triton.py --budget-s 70 --write
 stage step "model step per method" 200 bench_step.log \
   python3 benchmarks/bench_gpu_step.py --write --reps 2 --methods $STEP_METHODS

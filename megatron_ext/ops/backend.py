@@ -14,10 +14,13 @@ cpu_blockwise      the block planner's pieces on the fused CPU kernel (any other
 torch_blockwise    the planner's pieces as plain torch tiles: any device, any dtype (the twin
                    of every GPU path, and the fp32 / fp64 path on CUDA)
 flash_attn         flash-attn (CUDA, fp16 / bf16, causal / full / window) when it is installed
-sdpa               PyTorch's scaled_dot_product_attention (cuDNN / flash on CUDA): plain causal
-                   (top-left aligned) or full attention when the caller needs no lse, e.g. a
-                   layer's self-attention on one process (the issue's H200 table: cuDNN runs the
-                   forward at 1.2-1.7x and the backward at 2.1-2.3x our Triton kernel)
+sdpa               PyTorch's fused CUDA attention (cuDNN, or flash by ``MEGATRON_EXT_SDPA_ENGINE``):
+                   plain causal (top-left aligned) or full attention when the caller needs no
+                   lse, e.g. a layer's self-attention on one process; and, for per-row key
+                   intervals (CP blocks, DCA passes on request), the pieces of the interval plan
+                   through the ATen ops that return the lse (``sdpa_tiles.py``). On an H200
+                   (docs/benchmarks.md) cuDNN runs the causal forward at 1.3-1.5x and the
+                   backward at 1.9-2.1x our Triton kernel, and a CP block's backward at 1.9x
 triton             our Triton kernels (CUDA fp16 / bf16, head dim in ``HEAD_DIMS``): plain,
                    window, chunk and document masks, per-row key intervals (rows in
                    (document, position) order; else torch tiles), and the fused DCA kernel
@@ -64,6 +67,8 @@ window); documents (packed rows); intervals (per-row key ranges: CP blocks, DCA 
 (the three DCA passes over one sequence, which the fused Triton kernel takes whole)."""
 ENV_VAR = "MEGATRON_EXT_ATTN_BACKEND"
 TRITON_HEAD_DIMS = (16, 32, 64, 128, 256)
+SDPA_PIECE_HEAD_DIMS = (64, 128)
+"""Head dims whose interval pieces run on cuDNN by default (measured on an H200, bf16)."""
 _HALF = (torch.float16, torch.bfloat16)
 _forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("attn_backend", default=None)
 _log = logging.getLogger("megatron_ext")
@@ -148,6 +153,8 @@ def choose_backend(
         fused = device == "cuda" and half and _triton_takes(device, head_dim, mask, have)
         return "triton" if fused else "torch_blockwise"
     if device == "cuda" and not need_lse and mask in ("causal", "full"):
+        return "sdpa"
+    if device == "cuda" and half and mask == "intervals" and head_dim in SDPA_PIECE_HEAD_DIMS:
         return "sdpa"
     if device == "cpu":
         if not have.fused_cpu:

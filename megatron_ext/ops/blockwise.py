@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from megatron_ext.ops.documents import document_runs
@@ -87,15 +88,16 @@ def visible_ranges(
     return lo.contiguous(), hi.contiguous()
 
 
-def _row_blocks(lo: list[int], hi: list[int], block_q: int) -> list[tuple[int, int]]:
+def _row_blocks(lo: np.ndarray, hi: np.ndarray, block_q: int) -> list[tuple[int, int]]:
     """Cut rows into blocks of <= block_q, also where an interval end jumps (doc/chunk edges)."""
-    cuts = [0]
-    for r in range(1, len(lo)):
-        jump = lo[r] - lo[r - 1] not in (0, 1) or hi[r] - hi[r - 1] not in (0, 1)
-        if jump or r - cuts[-1] >= block_q:
-            cuts.append(r)
-    cuts.append(len(lo))
-    return [(a, b) for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
+    n = len(lo)
+    if n == 0:
+        return []
+    dlo, dhi = np.diff(lo), np.diff(hi)
+    jump = ((dlo != 0) & (dlo != 1)) | ((dhi != 0) & (dhi != 1))
+    edges = [0, *(np.flatnonzero(jump) + 1).tolist(), n]
+    return [(r, min(r + block_q, b)) for a, b in zip(edges[:-1], edges[1:])
+            for r in range(a, b, block_q)]  # fmt: skip
 
 
 def _split(k0: int, k1: int, size: int | None, kind: str) -> list[Piece]:
@@ -107,8 +109,8 @@ def _split(k0: int, k1: int, size: int | None, kind: str) -> list[Piece]:
 
 
 def _plan_rows(
-    lo: list[int],
-    hi: list[int],
+    lo: np.ndarray,
+    hi: np.ndarray,
     b: int | None,
     *,
     causal: bool,
@@ -120,15 +122,16 @@ def _plan_rows(
     blocks = []
     for r0, r1 in _row_blocks(lo, hi, block_q):
         blo, bhi = lo[r0:r1], hi[r0:r1]
-        live = [r for r in range(r1 - r0) if blo[r] < bhi[r]]
-        if not live:
+        live = blo < bhi
+        if not live.any():
             continue
-        a, z = min(blo[r] for r in live), max(bhi[r] for r in live)
-        f0, f1 = max(blo), min(bhi)  # keys every row sees (empty if some row is empty)
+        llo, lhi = blo[live], bhi[live]
+        a, z = int(llo.min()), int(lhi.max())
+        f0, f1 = int(blo.max()), int(bhi.min())  # keys every row sees (empty if a row is empty)
         i0, i1 = q_offset + r0, q_offset + r1
         pieces: list[Piece] = []
         full_size = block_k if split_full else None
-        diag = causal and f0 <= i0 and all(bhi[r] == i0 + r + 1 for r in range(r1 - r0))
+        diag = causal and f0 <= i0 and bool((bhi == np.arange(i0 + 1, i1 + 1)).all())
         if diag:
             pieces += _split(f0, i0, full_size, "full") + [Piece(i0, i1, "causal")]
             masked = [(a, f0)]
@@ -139,7 +142,7 @@ def _plan_rows(
             masked = [(a, z)]
         for m0, m1 in masked:
             for p in _split(m0, m1, block_k, "masked"):
-                if any(max(blo[r], p.k0) < min(bhi[r], p.k1) for r in live):
+                if (np.maximum(llo, p.k0) < np.minimum(lhi, p.k1)).any():
                     pieces.append(p)
         blocks.append(Block(b, r0, r1, pieces))
     return blocks
@@ -171,9 +174,9 @@ def plan_blocks(
     """
     if lo.shape[0] == 1 or all(torch.equal(lo[0], x) and torch.equal(hi[0], y) for x, y in
                                 zip(lo[1:], hi[1:])):  # fmt: skip
-        rows = [(None, lo[0].tolist(), hi[0].tolist())]
+        rows = [(None, lo[0].numpy(), hi[0].numpy())]
     else:
-        rows = [(b, lo[b].tolist(), hi[b].tolist()) for b in range(lo.shape[0])]
+        rows = [(b, lo[b].numpy(), hi[b].numpy()) for b in range(lo.shape[0])]
     blocks = []
     for b, lo_b, hi_b in rows:
         blocks += _plan_rows(
