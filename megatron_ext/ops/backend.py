@@ -69,6 +69,12 @@ ENV_VAR = "MEGATRON_EXT_ATTN_BACKEND"
 TRITON_HEAD_DIMS = (16, 32, 64, 128, 256)
 SDPA_PIECE_HEAD_DIMS = (64, 128)
 """Head dims whose interval pieces run on cuDNN by default (measured on an H200, bf16)."""
+DCA_PIECES_MIN_SEQ = 65536
+"""From this many query rows DCA (one document per row) runs as three passes on cuDNN pieces
+rather than the fused Triton kernel: on an H200 (docs/benchmarks.md) the passes take 164.9 ms
+forward + backward at 64K against 200.6 ms fused, but 20.2 against 16.8 ms at 16K; between the
+two nothing is measured yet, so the fused kernel keeps them. Rows with packed documents always
+take the passes (the fused kernel has no document mask)."""
 _HALF = (torch.float16, torch.bfloat16)
 _forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("attn_backend", default=None)
 _log = logging.getLogger("megatron_ext")
@@ -129,6 +135,7 @@ def choose_backend(
     have: Installed,
     *,
     need_lse: bool = True,
+    seq_len: int = 0,
 ) -> str:
     """The fastest correct backend for a problem (no override applied).
 
@@ -142,14 +149,20 @@ def choose_backend(
             mask is not top-left aligned; False lets plain causal / full attention on CUDA take
             PyTorch's SDPA, which returns none.
 
+        seq_len: query rows of the call (only ``mask="dca"`` reads it).
+
     Returns:
-        One of ``BACKENDS``. For ``mask="dca"`` the answer is "triton" (the fused kernel) or
-        "torch_blockwise" (the three passes on the interval engine, whose tiles are then chosen
-        with ``mask="intervals"``).
+        One of ``BACKENDS``. For ``mask="dca"`` the answer is "triton" (the fused kernel), or
+        "sdpa" / "torch_blockwise" (the three passes on the interval engine, whose tiles are
+        then chosen with ``mask="intervals"``: cuDNN pieces from ``DCA_PIECES_MIN_SEQ`` rows on
+        CUDA, where an H200 runs them faster than the fused kernel).
     """
     _check_mask(mask)
     half = dtype in _HALF
     if mask == "dca":
+        pieces = device == "cuda" and half and head_dim in SDPA_PIECE_HEAD_DIMS
+        if pieces and seq_len >= DCA_PIECES_MIN_SEQ:
+            return "sdpa"
         fused = device == "cuda" and half and _triton_takes(device, head_dim, mask, have)
         return "triton" if fused else "torch_blockwise"
     if device == "cuda" and not need_lse and mask in ("causal", "full"):
@@ -204,7 +217,7 @@ def resolve_backend(q: torch.Tensor, mask: str, *, need_lse: bool = True) -> str
     how = "forced"
     if name is None:
         name = choose_backend(q.device.type, q.dtype, q.shape[-1], mask, installed(),
-                              need_lse=need_lse)
+                              need_lse=need_lse, seq_len=q.shape[1])
         how = "auto"
     key = (name, q.device.type, q.dtype, q.shape[-1], mask)
     if key not in _logged:

@@ -35,7 +35,7 @@ INTERPRETED = Installed(fused_cpu=True, triton=True, triton_interpreted=True)
 
 
 def _expected(device: str, dtype: torch.dtype, d: int, mask: str, have: Installed,
-              need_lse: bool = True) -> str:
+              need_lse: bool = True, seq_len: int = 0) -> str:
     """The rule, written independently of the implementation's control flow."""
     half = dtype in (BF16, F16)
     if device == "cuda" and not need_lse and mask in ("causal", "full"):
@@ -48,6 +48,8 @@ def _expected(device: str, dtype: torch.dtype, d: int, mask: str, have: Installe
         and (device == "cuda" or (device == "cpu" and have.triton_interpreted))
     )
     if mask == "dca":
+        if device == "cuda" and half and d in (64, 128) and seq_len >= 65536:
+            return "sdpa"
         return "triton" if device == "cuda" and half and triton_ok else "torch_blockwise"
     if device == "cpu":
         if have.fused_cpu:
@@ -63,12 +65,13 @@ def _expected(device: str, dtype: torch.dtype, d: int, mask: str, have: Installe
 @pytest.mark.parametrize("have", [NOTHING, CPU_FUSED, GPU_ALL, GPU_TRITON, INTERPRETED],
                          ids=["nothing", "cpu-fused", "gpu-all", "gpu-triton", "interpreted"])
 def test_choice_on_every_case(have: Installed) -> None:
-    for device, dtype, d, mask, need_lse in itertools.product(
-        ("cpu", "cuda", "mps"), (BF16, F16, F32, F64), (64, 80, 128), MASKS, (True, False)
+    for device, dtype, d, mask, need_lse, seq in itertools.product(
+        ("cpu", "cuda", "mps"), (BF16, F16, F32, F64), (64, 80, 128), MASKS, (True, False),
+        (1, 4096, 16384, 65536, 131072),
     ):
-        got = choose_backend(device, dtype, d, mask, have, need_lse=need_lse)
+        got = choose_backend(device, dtype, d, mask, have, need_lse=need_lse, seq_len=seq)
         assert got in BACKENDS
-        want = _expected(device, dtype, d, mask, have, need_lse)
+        want = _expected(device, dtype, d, mask, have, need_lse, seq)
         assert got == want, (device, dtype, d, mask, need_lse)
 
 
@@ -79,6 +82,10 @@ def test_known_cases() -> None:
     assert choose_backend("cuda", BF16, 128, "causal", GPU_ALL) == "flash_attn"
     assert choose_backend("cuda", BF16, 128, "documents", GPU_ALL) == "triton"
     assert choose_backend("cuda", BF16, 128, "dca", GPU_ALL) == "triton"
+    assert choose_backend("cuda", BF16, 128, "dca", GPU_ALL, seq_len=4096) == "triton"
+    assert choose_backend("cuda", BF16, 128, "dca", GPU_ALL, seq_len=16384) == "triton"
+    assert choose_backend("cuda", BF16, 128, "dca", GPU_ALL, seq_len=65536) == "sdpa"
+    assert choose_backend("cpu", BF16, 128, "dca", GPU_ALL, seq_len=65536) == "torch_blockwise"
     assert choose_backend("cuda", BF16, 80, "dca", GPU_ALL) == "torch_blockwise"
     assert choose_backend("cuda", F32, 128, "causal", GPU_ALL) == "torch_blockwise"
     assert choose_backend("cuda", BF16, 128, "intervals", GPU_ALL) == "sdpa"
