@@ -38,6 +38,18 @@ def check_doc_ids(doc_ids: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor
     Raises:
         ValueError: naming the bad value (type, dtype, shape, or the first decrease).
     """
+    ids = _as_ids(doc_ids, shape)
+    bad = (ids[:, 1:] < ids[:, :-1]).nonzero()
+    if len(bad):
+        b, i = (int(x) for x in bad[0])
+        raise ValueError(f"doc_ids[{b}, {i + 1}]={int(ids[b, i + 1])} < doc_ids[{b}, {i}]="
+                         f"{int(ids[b, i])}; expected ids non-decreasing along each row (every "
+                         "document one run)")
+    return ids
+
+
+def _as_ids(doc_ids: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """An integer tensor of the given shape -> CPU int64, else a ValueError naming it."""
     if not isinstance(doc_ids, torch.Tensor) or doc_ids.is_floating_point() or \
             doc_ids.dtype == torch.bool:
         got = f"dtype={doc_ids.dtype}" if isinstance(doc_ids, torch.Tensor) else \
@@ -46,14 +58,7 @@ def check_doc_ids(doc_ids: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor
     if tuple(doc_ids.shape) != tuple(shape):
         raise ValueError(f"doc_ids.shape={tuple(doc_ids.shape)}; expected [B, S] = "
                          f"{list(shape)}, the shape of the tokens")
-    ids = doc_ids.detach().to("cpu", torch.int64)
-    bad = (ids[:, 1:] < ids[:, :-1]).nonzero()
-    if len(bad):
-        b, i = (int(x) for x in bad[0])
-        raise ValueError(f"doc_ids[{b}, {i + 1}]={int(ids[b, i + 1])} < doc_ids[{b}, {i}]="
-                         f"{int(ids[b, i])}; expected ids non-decreasing along each row (every "
-                         "document one run)")
-    return ids
+    return doc_ids.detach().to("cpu", torch.int64)
 
 
 @dataclass
@@ -102,49 +107,46 @@ class RowDocuments:
                 positions.dim() != 2 or positions.shape[0] != len(self.next):
             got = tuple(positions.shape) if isinstance(positions, torch.Tensor) else positions
             raise ValueError(f"positions={got}; expected an integer tensor [{len(self.next)}, n]")
-        idx_all = positions.detach().to("cpu", torch.int64)
-        B, n = idx_all.shape
-        ids_all = None
-        if doc_ids is not None:
-            if not isinstance(doc_ids, torch.Tensor) or tuple(doc_ids.shape) != (B, n) or \
-                    doc_ids.is_floating_point():
-                got = tuple(doc_ids.shape) if isinstance(doc_ids, torch.Tensor) else doc_ids
-                raise ValueError(f"doc_ids={got}; expected an integer tensor [{B}, {n}] like "
-                                 "positions")
-            ids_all = doc_ids.detach().to("cpu", torch.int64)
-        doc_pos = torch.full((B, n), -1, dtype=torch.int64)
-        reset = torch.zeros(B, n, dtype=torch.bool)
-        nxt, doc, start = self.next.clone(), self.doc.clone(), self.start.clone()
-        for b in range(B):
-            cols = (idx_all[b] >= 0).nonzero().flatten()
-            if not len(cols):
-                continue
-            idx = idx_all[b, cols]
-            want = torch.arange(len(idx)) + nxt[b]
-            if not torch.equal(idx, want):
-                raise ValueError(f"positions of row {b}: {_show(idx)}; expected the row's next "
-                                 f"indices {_show(want)} in column order (-1 = padding)")
-            if int(idx[-1]) >= self.capacity:
-                raise ValueError(f"index {int(idx[-1])} of row {b} is past the cache capacity "
-                                 f"{self.capacity}; create the session with a larger total "
-                                 "length")
-            ids = doc[b].expand(len(idx)) if ids_all is None else ids_all[b, cols]
-            fresh = bool(nxt[b] == 0)
-            prev = torch.cat(((ids[:1] if fresh else doc[b : b + 1]), ids[:-1]))
-            if bool((ids < prev).any()):
-                i = int((ids < prev).nonzero()[0])
-                raise ValueError(f"doc_ids of row {b}: id {int(ids[i])} at index {int(idx[i])} "
-                                 f"follows id {int(prev[i])}; expected ids non-decreasing along "
-                                 "a row (a new document takes a larger id)")
-            new = ids != prev
-            if fresh:
-                new[0] = True
-            first = torch.where(new, idx, start[b]).cummax(0).values
-            doc_pos[b, cols] = idx - first
-            reset[b, cols] = new & (idx > 0)  # a row's first document finds its caches empty
-            nxt[b], doc[b], start[b] = idx[-1] + 1, ids[-1], first[-1]
-        self.next, self.doc, self.start = nxt, doc, start
-        cuts = [0, *(c for c in range(1, n) if bool(reset[:, c].any())), n]
+        idx = positions.detach().to("cpu", torch.int64)
+        B, n = idx.shape
+        real = idx >= 0
+        rank = real.long().cumsum(1) - 1  # the token's order among its row's real tokens
+        want = self.next[:, None] + rank
+        bad = (real & (idx != want)).any(1).nonzero().flatten()
+        if len(bad):
+            b = int(bad[0])
+            raise ValueError(f"positions of row {b}: {_show(idx[b][real[b]])}; expected the "
+                             f"row's next indices {_show(want[b][real[b]])} in column order "
+                             "(-1 = padding)")
+        top = idx.max(1).values
+        if bool((top >= self.capacity).any()):
+            b = int((top >= self.capacity).nonzero()[0])
+            raise ValueError(f"index {int(top[b])} of row {b} is past the cache capacity "
+                             f"{self.capacity}; create the session with a larger total length")
+        ids = self.doc[:, None].expand(B, n) if doc_ids is None else _as_ids(doc_ids, (B, n))
+        # Each real token's predecessor id: the previous real token of the block, else the
+        # row's current document (a row's very first token has no predecessor: itself).
+        col = torch.arange(n).expand(B, n)
+        last = torch.where(real, col, -1).cummax(1).values  # last real column <= c
+        before = torch.cat((torch.full((B, 1), -1), last[:, :-1]), 1)
+        fresh = (self.next == 0)[:, None] & (rank == 0)
+        outer = torch.where(fresh, ids, self.doc[:, None])
+        prev = torch.where(before >= 0, ids.gather(1, before.clamp(min=0)), outer)
+        down = (real & (ids < prev)).nonzero()
+        if len(down):
+            b, c = (int(x) for x in down[0])
+            raise ValueError(f"doc_ids of row {b}: id {int(ids[b, c])} at index {int(idx[b, c])} "
+                             f"follows id {int(prev[b, c])}; expected ids non-decreasing along "
+                             "a row (a new document takes a larger id)")
+        new = real & ((ids != prev) | fresh)
+        first = torch.where(new, idx, self.start[:, None]).cummax(1).values
+        doc_pos = torch.where(real, idx - first, -1)
+        reset = new & (idx > 0)  # a row's first document finds its caches empty
+        fed = real.any(1)
+        self.next = torch.where(fed, top + 1, self.next)
+        self.doc = torch.where(fed, ids.gather(1, last[:, -1:].clamp(min=0))[:, 0], self.doc)
+        self.start = first[:, -1]
+        cuts = [0, *(reset[:, 1:].any(0).nonzero().flatten() + 1).tolist(), n]
         return [Piece(slice(c0, c1), doc_pos[:, c0:c1], reset[:, c0].nonzero().flatten())
                 for c0, c1 in zip(cuts[:-1], cuts[1:])]
 

@@ -24,7 +24,7 @@ from megatron_ext.config import LongHeadsConfig
 from megatron_ext.inference.attend import LayerMethod, layer_method, meta_of
 from megatron_ext.inference.cache import FullCache, RingCache
 from megatron_ext.inference.longheads_cache import LongHeadsCache
-from megatron_ext.ops import Meta
+from megatron_ext.ops import token_meta
 from megatron_ext.ops.documents import document_runs
 
 __all__ = ["CachedModel"]
@@ -139,13 +139,10 @@ class CachedModel:
             logits [B, S, vocab].
         """
         B, S = tokens.shape
-        if doc_ids is None:
-            pos = torch.arange(S).expand(B, S)
-            qm = meta_of(pos, S)
-        else:
-            run, pos = document_runs(doc_ids.detach().to("cpu", torch.int64))
-            qm = Meta(pos, run, torch.full_like(pos, S))
-            doc_ids = run.to(tokens.device)
+        run, pos = (None, torch.arange(S).expand(B, S)) if doc_ids is None else \
+            document_runs(doc_ids.detach().to("cpu", torch.int64))
+        qm = token_meta(pos, run, seq_len=S)
+        doc_ids = None if run is None else run.to(tokens.device)
 
         def attn(i: int, q, k, v):
             lm = self.layers[i]

@@ -58,6 +58,21 @@ def _drive_cache(q, k, v, ids, lens, w, K, prefill, chunk):
     return out
 
 
+def test_row_documents_positions_resets_and_pieces():
+    """Indices + ids -> per-document positions; a block is cut where a row starts a document
+    and that row is reset before its piece; tokens without ids continue the document."""
+    docs = RowDocuments(2, 10)
+    pos = torch.tensor([[0, 1, 2, 3], [0, 1, -1, -1]])
+    pieces = docs.split(pos, torch.tensor([[0, 0, 1, 1], [5, 6, 9, 9]]))
+    assert [(p.cols.start, p.cols.stop) for p in pieces] == [(0, 1), (1, 2), (2, 4)]
+    assert torch.cat([p.positions for p in pieces], 1).tolist() == [[0, 1, 0, 1], [0, 0, -1, -1]]
+    assert [p.reset.tolist() for p in pieces] == [[], [1], [0]]
+    (piece,) = docs.split(torch.tensor([[4], [2]]))  # decode: continue the last document
+    assert piece.positions.tolist() == [[2], [1]] and piece.reset.tolist() == []
+    (piece,) = docs.split(torch.tensor([[5], [3]]), torch.tensor([[1], [7]]))
+    assert piece.positions.tolist() == [[3], [0]] and piece.reset.tolist() == [1]
+
+
 @pytest.mark.parametrize("w, K", [pytest.param(4, 3, id="w4-K3"), pytest.param(3, 4, id="w3-K4"),
                                   pytest.param(2, 5, id="w2-K5")])
 @pytest.mark.parametrize("chunk", [pytest.param(5, id="prefill-chunks-5"),
@@ -162,7 +177,7 @@ def test_bad_doc_ids_raise(megatron_single_process):
     with pytest.raises(ValueError, match=r"positions of row 0: \[5\]; expected the row's next "
                                          r"indices \[4\]"):
         sess.feed(tokens[:, 4:5], pos[:, :1] + 5)
-    with pytest.raises(ValueError, match=r"doc_ids=\(2, 2\); expected an integer tensor \[2, 1\]"):
+    with pytest.raises(ValueError, match=r"doc_ids.shape=\(2, 2\); expected \[B, S\] = \[2, 1\]"):
         sess.feed(tokens[:, 4:5], pos[:, :1] + 4, good[:, :2])
     with pytest.raises(ValueError, match="past the cache capacity 10"):
         sess.feed(tokens, torch.arange(4, 14).expand(2, 10))
