@@ -141,12 +141,15 @@ class LayerMethod:
                                        chunk_len=lh.chunk_len, theta=self.theta,
                                        softmax_scale=self.softmax_scale)
 
-    def lh_full(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """The whole-sequence LongHeads op (rows at positions 0..S-1) -> out [B, S, H, D]."""
+    def lh_full(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """The whole-sequence LongHeads op (rows at positions 0..S-1, or per document of
+        ``doc_ids`` [B, S]) -> out [B, S, H, D]."""
         lh = self.longheads
         assert lh is not None
         return longheads_attn_func(q, k, v, chunk_len=lh.chunk_len, num_chunks=lh.num_chunks,
-                                   theta=self.theta, softmax_scale=self.softmax_scale)
+                                   theta=self.theta, softmax_scale=self.softmax_scale,
+                                   doc_ids=doc_ids)
 
     @property
     def begin_selective(self) -> int:

@@ -2,7 +2,9 @@
 
 Every cache row is indexed by the tokens' own positions, so rows of a batch may have different
 lengths: a row's token at position p lives in slot p (full cache) or p mod R (ring of R slots),
-and the slot's recorded position (-1 = empty) is what the masks read. A step
+and the slot's recorded position (-1 = empty) is what the masks read. Positions are
+per-document: with packed documents a row holds only its current document and is emptied
+(``reset_rows``) when a new one starts (``documents.py``). A step
 
 1. runs the layer method's prologue on the new tokens (RoPE, QK-norm, temperature, DCA's key
    rotation at ``j mod C``, CoCA's Q' and K') -- keys are prepared once, when they arrive;
@@ -59,6 +61,10 @@ class FullCache:
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes + self.pos.nbytes
 
+    def reset_rows(self, rows: torch.Tensor) -> None:
+        """Empty the given rows (a new document starts there): their slots become invisible."""
+        self.pos[rows] = -1
+
     def step(self, lm: LayerMethod, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
              qm: Meta, lengths: torch.Tensor, rope_len: int) -> torch.Tensor:
         """Attention output [B, n, H, D] of new tokens (raw q, k, v [B, n, heads, D])."""
@@ -97,6 +103,10 @@ class RingCache:
 
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes + self.pos.nbytes
+
+    def reset_rows(self, rows: torch.Tensor) -> None:
+        """Empty the given rows (a new document starts there): their slots become invisible."""
+        self.pos[rows] = -1
 
     def step(self, lm: LayerMethod, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
              qm: Meta, lengths: torch.Tensor, rope_len: int) -> torch.Tensor:

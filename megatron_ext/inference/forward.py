@@ -24,6 +24,8 @@ from megatron_ext.config import LongHeadsConfig
 from megatron_ext.inference.attend import LayerMethod, layer_method, meta_of
 from megatron_ext.inference.cache import FullCache, RingCache
 from megatron_ext.inference.longheads_cache import LongHeadsCache
+from megatron_ext.ops import token_meta
+from megatron_ext.ops.documents import document_runs
 
 __all__ = ["CachedModel"]
 
@@ -117,23 +119,35 @@ class CachedModel:
 
         return self.hidden(tokens, positions, attn)
 
-    def longheads_logits(self, tokens: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def reset_rows(caches: list, rows: torch.Tensor) -> None:
+        """Empty the given rows of every layer's cache (a new document starts there)."""
+        if len(rows):
+            for cache in caches:
+                cache.reset_rows(rows)
+
+    def longheads_logits(self, tokens: torch.Tensor,
+                         doc_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Uncached forward with the whole-sequence LongHeads op in every RoPE layer.
 
         Args:
             tokens: [B, S] (positions 0..S-1 in every row).
+            doc_ids: optional int [B, S] of packed rows: positions restart at 0 in every
+                document (a run of equal ids) and no token attends across a document.
 
         Returns:
             logits [B, S, vocab].
         """
         B, S = tokens.shape
-        pos = torch.arange(S).expand(B, S)
-        qm = meta_of(pos, S)
+        run, pos = (None, torch.arange(S).expand(B, S)) if doc_ids is None else \
+            document_runs(doc_ids.detach().to("cpu", torch.int64))
+        qm = token_meta(pos, run, seq_len=S)
+        doc_ids = None if run is None else run.to(tokens.device)
 
         def attn(i: int, q, k, v):
             lm = self.layers[i]
             if lm.cache == "longheads":
-                return lm.lh_full(q, k, v).to(v.dtype)
+                return lm.lh_full(q, k, v, doc_ids).to(v.dtype)
             out, _ = lm.attend(lm.prepare_q(q, qm, S), *lm.prepare_kv(k, v, qm, S), qm, qm, S)
             return out.to(v.dtype)
 

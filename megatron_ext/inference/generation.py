@@ -12,6 +12,9 @@ A ``Session`` holds one cache per layer for B rows and feeds tokens at explicit 
    stop token (rows that stopped keep stepping so the batch stays rectangular; their extra
    tokens are dropped).
 
+A prompt may hold packed documents (``doc_ids``): positions restart in each document, no token
+attends across one, and the new tokens continue the prompt's last document (``documents.py``).
+
 Length rules (dynamic NTK, DCA temperature) use the planned total length ``prompt +
 max_new_tokens``: per row for the DCA temperature, the longest row's for dynamic NTK (one
 frequency table per batch), so decode equals a full forward at that length.
@@ -25,6 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from megatron_ext.inference.documents import RowDocuments, check_doc_ids
 from megatron_ext.inference.forward import CachedModel
 from megatron_ext.inference.sampling import SamplingParams, sample
 
@@ -34,10 +38,14 @@ __all__ = ["GenerationStats", "Session", "generate_tokens"]
 class Session:
     """Caches of B rows being extended, and the step that feeds them.
 
+    A row may hold packed documents (``doc_ids``, see ``documents.py``): positions restart at 0
+    in every document, no token attends across one, and tokens fed without ids continue the
+    row's current document.
+
     Args:
         cm: the model's cached walker.
         lengths: int [B], each row's planned total length (the cache capacity per row is the
-            longest).
+            longest; also the length of length rules, for every document of the row).
         rope_len: dynamic-NTK length of the batch (default the longest row).
     """
 
@@ -48,17 +56,36 @@ class Session:
         self.capacity = int(self.lengths.max())
         self.rope_len = rope_len or self.capacity
         self.caches = cm.new_caches(len(self.lengths), self.capacity)
+        self.docs = RowDocuments(len(self.lengths), self.capacity)
 
-    def feed(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Final hidden states [n, B, hidden] of tokens [B, n] at positions [B, n] (-1 = pad)."""
-        with torch.no_grad():
-            return self.cm.step(self.caches, tokens.to(self.cm.device), positions,
-                                self.lengths, self.rope_len)
+    def feed(self, tokens: torch.Tensor, positions: torch.Tensor,
+             doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Final hidden states [n, B, hidden] of tokens [B, n].
 
-    def logits(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Logits [B, n, vocab] of tokens fed at positions (every row)."""
+        Args:
+            tokens: int [B, n].
+            positions: int [B, n], each token's index in its row (-1 = padding); a row's
+                tokens continue it in order (0, 1, ... from the first feed on). Without
+                documents this is the position.
+            doc_ids: optional int [B, n] document ids, non-decreasing along a row: the row's
+                current id continues its document, a larger id starts a new one at that token
+                (its position restarts at 0). None: every token continues its row's current
+                document (a row's first document fed without ids has id 0).
+        """
+        pieces = self.docs.split(positions, doc_ids)
+        hidden = []
         with torch.no_grad():
-            return self.cm.logits_of(self.feed(tokens, positions))
+            for piece in pieces:
+                self.cm.reset_rows(self.caches, piece.reset)
+                hidden.append(self.cm.step(self.caches, tokens[:, piece.cols].to(self.cm.device),
+                                           piece.positions, self.lengths, self.rope_len))
+        return torch.cat(hidden, 0)
+
+    def logits(self, tokens: torch.Tensor, positions: torch.Tensor,
+               doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, n, vocab] of tokens fed at positions (every row); see ``feed``."""
+        with torch.no_grad():
+            return self.cm.logits_of(self.feed(tokens, positions, doc_ids))
 
     def cache_bytes(self) -> int:
         return sum(c.nbytes() for c in self.caches)
@@ -95,10 +122,12 @@ def generate_tokens(
     generator: torch.Generator | None = None,
     on_prefill: Callable[[int], None] | None = None,
     stats: GenerationStats | None = None,
+    doc_ids: Sequence[Sequence[int]] | None = None,
 ) -> list[list[int]]:
     """Generate up to ``max_new_tokens`` after each prompt (ids); returns the new ids per row.
 
-    A row stops after its first stop token (which is not returned).
+    A row stops after its first stop token (which is not returned). With ``doc_ids`` a prompt
+    holds packed documents and the new tokens continue its last document.
 
     Args:
         cm: the model's cached walker.
@@ -110,6 +139,8 @@ def generate_tokens(
         generator: random source for sampling.
         on_prefill: called with the number of prompt tokens each prefill step consumed.
         stats: filled with timings when given.
+        doc_ids: optional document ids per prompt token (B lists of the prompts' lengths),
+            non-decreasing along each prompt.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("prompts: expected at least one prompt and no empty prompt")
@@ -119,6 +150,7 @@ def generate_tokens(
     tokens = torch.zeros(B, S, dtype=torch.int64)
     for b, p in enumerate(prompts):
         tokens[b, : len(p)] = torch.as_tensor(list(p), dtype=torch.int64)
+    docs = None if doc_ids is None else _doc_rows(doc_ids, lens)
     session = Session(cm, (lens + max_new_tokens).tolist())
     stats = stats if stats is not None else GenerationStats()
     stats.prompt_tokens = int(lens.sum())
@@ -129,7 +161,8 @@ def generate_tokens(
     last = torch.zeros(B, cm.model.config.hidden_size, dtype=cm.dtype, device=cm.device)
     for s in range(0, S, prefill_chunk_size):
         e = min(S, s + prefill_chunk_size)
-        h = session.feed(tokens[:, s:e], positions[:, s:e])  # [n, B, hidden]
+        ids = None if docs is None else docs[:, s:e]
+        h = session.feed(tokens[:, s:e], positions[:, s:e], ids)  # [n, B, hidden]
         rows = ((lens - 1 >= s) & (lens - 1 < e)).nonzero().flatten()
         if rows.numel():
             idx = (lens[rows] - 1 - s).to(h.device)
@@ -162,3 +195,19 @@ def generate_tokens(
     stats.new_tokens = sum(len(o) for o in out)
     stats.cache_bytes = session.cache_bytes()
     return out
+
+
+def _doc_rows(doc_ids: Sequence[Sequence[int]], lens: torch.Tensor) -> torch.Tensor:
+    """Per-prompt document ids -> int64 [B, S], right-padded with each row's last id."""
+    got = [len(d) for d in doc_ids]
+    if got != lens.tolist():
+        raise ValueError(f"doc_ids lengths {got}; expected one id per prompt token, "
+                         f"{lens.tolist()}")
+    docs = torch.zeros(len(got), int(lens.max()), dtype=torch.int64)
+    for b, d in enumerate(doc_ids):
+        row = torch.as_tensor(list(d))
+        if row.is_floating_point() or row.dtype == torch.bool:
+            raise ValueError(f"doc_ids[{b}] dtype={row.dtype}; expected integer ids")
+        docs[b] = row[-1]
+        docs[b, : len(row)] = row
+    return check_doc_ids(docs, tuple(docs.shape))

@@ -4,9 +4,12 @@ LongHeads (docs/inference.md, "LongHeads decode") lets every head of a query at 
 K chunks of w tokens: chunk 0, its own chunk a and the previous one, and the K - 3 chunks of
 {1..a-2} whose summaries r_c score highest against the raw query; positions are re-laid so no
 distance reaches K·w. Decoding token p applies exactly the prefill rule at p (the query sees
-itself), so a decoded row equals the whole-sequence op's row.
+itself), so a decoded row equals the whole-sequence op's row. With packed documents every
+rule (chunk grid, chunk 0, own and previous chunk, the plain rows before K·w) restarts at the
+document's first token: positions are per-document and a row holds only its current document
+(``documents.py`` empties the row when a new one starts), as the op with ``doc_ids`` computes.
 
-What is kept per row (slot = position):
+What is kept per row (slot = per-document position):
 
 - ``k_local``: R_{j mod w} k_j, the key form both the attention and the summaries use (the
   raw key is recoverable, so this is "raw K" in the form it is consumed), and ``v``;
@@ -60,24 +63,36 @@ class LongHeadsCache:
         return sum(t.nbytes for t in (self.k_local, self.v, self.k_true, self.true_pos,
                                       self.q_ring, self.k_ring, self.r))
 
+    def reset_rows(self, rows: torch.Tensor) -> None:
+        """Empty the given rows (a new document starts there).
+
+        The new document is written from slot 0 on; a query at p only reads slots <= p of its
+        own chunk, complete earlier chunks and their summaries, all rewritten by the new
+        document before it arrives. Only the plain rows' keys are found by position, so their
+        recorded positions are cleared.
+        """
+        self.true_pos[rows] = -1
+
     def step(self, lm: LayerMethod, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
              qm: Meta, lengths: torch.Tensor, rope_len: int) -> torch.Tensor:
         """Attention output [B, n, H, D] of new tokens (raw q, k, v [B, n, heads, D]).
 
-        Rows of a block hold consecutive positions (or -1 for padding after a row's end), as
-        chunked prefill and decode give them; the block is cut at chunk boundaries so that a
-        chunk's summary exists before any query that may select it.
+        Each row of a block holds consecutive positions of one document (or -1 for padding),
+        as chunked prefill and decode give them; the block is cut where any row starts a chunk
+        so that a chunk's summary exists before any query that may select it.
         """
         pos = qm.positions
         cap = self.k_local.shape[1]
         if int(pos.max()) >= cap:
             raise ValueError(f"position {int(pos.max())} is past the cache capacity {cap}")
-        first = pos.max(dim=0).values  # per column: the position of any row that has one
+        # Columns where some row starts a chunk (rows may sit at different positions when
+        # their documents start at different indices).
+        cut = ((pos >= 0) & (pos % self.w == 0)).any(dim=0)
         outs = []
         i0, n = 0, pos.shape[1]
         while i0 < n:
             i1 = i0 + 1
-            while i1 < n and first[i1] % self.w != 0:
+            while i1 < n and not bool(cut[i1]):
                 i1 += 1
             sl = slice(i0, i1)
             outs.append(self._sub_step(lm, q[:, sl], k[:, sl], v[:, sl], pos[:, sl]))

@@ -2,6 +2,7 @@
 
     m = load_model("runs/tiny/checkpoint", overrides={"attention.variant": "dca", ...})
     m.logits(tokens)                       # LongTensor [B, S] -> float [B, S, vocab]
+    m.logits(tokens, doc_ids=doc_ids)      # packed documents: no token attends across one
     m.generate(["Once upon a time"], max_new_tokens=32, temperature=0.8, top_p=0.9)
     m.tokenizer                            # a `tokenizers.Tokenizer`
 
@@ -20,10 +21,12 @@ from collections.abc import Sequence
 import torch
 
 from megatron_ext.config import RunConfig
+from megatron_ext.inference.documents import check_doc_ids
 from megatron_ext.inference.forward import CachedModel
 from megatron_ext.inference.generation import GenerationStats, Session, generate_tokens
 from megatron_ext.inference.sampling import SamplingParams
 from megatron_ext.layers.forward import gpt_forward
+from megatron_ext.ops.documents import document_runs
 
 __all__ = ["InferenceModel", "peak_memory_bytes"]
 
@@ -71,23 +74,40 @@ class InferenceModel:
             raise ValueError(f"token ids span {int(t.min())}..{int(t.max())}; the model's "
                              f"vocabulary is 0..{vocab - 1} (vocab_size={vocab})")
 
-    def logits(self, tokens: torch.Tensor, *, seq_len: int | None = None) -> torch.Tensor:
+    def _check_documents(self) -> None:
+        if not self.config.attention.mask_documents:
+            raise ValueError("doc_ids given but attention.mask_documents=False: this model "
+                             "reads a row as one stream across documents; drop doc_ids or set "
+                             "--set attention.mask_documents=true")
+
+    def logits(self, tokens: torch.Tensor, *, seq_len: int | None = None,
+               doc_ids: torch.Tensor | None = None) -> torch.Tensor:
         """One full forward pass: tokens [B, S] -> logits [B, S, vocab] (fp32 or model dtype).
 
         Args:
             seq_len: fixed length for length rules (dynamic NTK, DCA temperature); default what
                 the batch shows.
+            doc_ids: optional int [B, S] document ids of packed rows, non-decreasing along a
+                row: positions restart at 0 in every document and no token attends across one
+                (for LongHeads: chunk grid, chunk 0 and plain rows per document).
         """
         if tokens.dim() != 2 or tokens.is_floating_point():
             raise ValueError(f"tokens shape={tuple(tokens.shape)} dtype={tokens.dtype}; "
                              "expected an int tensor [B, S]")
         self._check_length(tokens.shape[1], "sequence length")
         self._check_ids(tokens)
+        positions = None
+        if doc_ids is not None:
+            self._check_documents()
+            doc_ids = check_doc_ids(doc_ids, tuple(tokens.shape))
+            positions = document_runs(doc_ids)[1].to(self.device)
+            doc_ids = doc_ids.to(self.device)
         tokens = tokens.to(self.device)
         with torch.no_grad():
             if self.config.attention.variant == "longheads":
-                return self.cached.longheads_logits(tokens)
-            return gpt_forward(self.model, tokens, seq_len=seq_len)
+                return self.cached.longheads_logits(tokens, doc_ids)
+            return gpt_forward(self.model, tokens, positions=positions, doc_ids=doc_ids,
+                               seq_len=seq_len)
 
     def session(self, lengths: Sequence[int], rope_len: int | None = None) -> Session:
         """Empty caches for rows of the given planned total lengths (see ``Session``)."""
@@ -110,6 +130,7 @@ class InferenceModel:
         prefill_chunk_size: int | None = None,
         seed: int | None = None,
         progress: bool = False,
+        doc_ids: Sequence[Sequence[int]] | None = None,
     ) -> list[str] | list[list[int]]:
         """Continue each prompt; None arguments take the run config's ``inference`` section.
 
@@ -121,6 +142,8 @@ class InferenceModel:
             prefill_chunk_size: prompt tokens per prefill step.
             seed: seed of the sampling generator.
             progress: show a progress bar (prefill tokens/s) and print peak memory.
+            doc_ids: packed documents inside token-id prompts: one id per prompt token,
+                non-decreasing along a prompt; the new tokens continue its last document.
 
         Returns:
             the continuations: strings for string prompts, token-id lists for id prompts.
@@ -130,6 +153,11 @@ class InferenceModel:
         as_text = isinstance(prompts, str) or (len(prompts) > 0 and isinstance(prompts[0], str))
         if isinstance(prompts, str):
             prompts = [prompts]
+        if doc_ids is not None:
+            self._check_documents()
+            if as_text:
+                raise ValueError("doc_ids needs token-id prompts (one id per token); got text "
+                                 "prompts")
         ids = [self.encode(p) for p in prompts] if as_text else [list(p) for p in prompts]
         n_new = ic.max_new_tokens if max_new_tokens is None else max_new_tokens
         if isinstance(n_new, bool) or not isinstance(n_new, int) or n_new < 1:
@@ -151,11 +179,12 @@ class InferenceModel:
         gen.manual_seed(ic.seed if seed is None else seed)
         self.last_stats = stats = GenerationStats()
         if progress:
-            out = self._with_progress(ids, n_new, params, chunk, stop_tokens, gen, stats)
+            out = self._with_progress(ids, n_new, params, chunk, stop_tokens, gen, stats,
+                                      doc_ids)
         else:
             out = generate_tokens(self.cached, ids, max_new_tokens=n_new, sampling=params,
                                   prefill_chunk_size=chunk, stop_tokens=stop_tokens,
-                                  generator=gen, stats=stats)
+                                  generator=gen, stats=stats, doc_ids=doc_ids)
         if as_text:
             return [self.tokenizer.decode(o) for o in out]
         return out
@@ -168,7 +197,8 @@ class InferenceModel:
         eot = self.tokenizer.token_to_id(EOT_TOKEN)
         return [] if eot is None else [eot]
 
-    def _with_progress(self, ids, n_new, params, chunk, stops, gen, stats) -> list[list[int]]:
+    def _with_progress(self, ids, n_new, params, chunk, stops, gen, stats,
+                       doc_ids=None) -> list[list[int]]:
         from rich.progress import (
             BarColumn,
             MofNCompleteColumn,
@@ -191,7 +221,7 @@ class InferenceModel:
 
             out = generate_tokens(self.cached, ids, max_new_tokens=n_new, sampling=params,
                                   prefill_chunk_size=chunk, stop_tokens=stops, generator=gen,
-                                  on_prefill=advance, stats=stats)
+                                  on_prefill=advance, stats=stats, doc_ids=doc_ids)
         peak = peak_memory_bytes(self.device)
         print(f"prefill {stats.prompt_tokens} tokens at {stats.prefill_tok_s:,.0f} tok/s; "
               f"decode {stats.new_tokens} tokens at {stats.decode_tok_s:,.1f} tok/s; "
