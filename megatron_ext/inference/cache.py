@@ -10,6 +10,10 @@ and the slot's recorded position (-1 = empty) is what the masks read. A step
    (``LayerMethod.attend``: causal, window, chunk or DCA's three passes);
 3. stores the new prepared keys and values.
 
+``store`` and ``attend_cached`` are the step's two halves on their own: context-parallel
+prefill (``cp_prefill.py``) attends a step's queries to the earlier keys with
+``attend_cached`` and stores the keys every rank prepared with ``store``.
+
 Memory per cached token and layer (Hkv KV heads of D dims, b bytes per element): full caches
 hold 2·Hkv·D·b for every position; a ring holds 2·Hkv·D·b for only its last R positions (R = W
 for a sliding window, R = c for chunked-local attention, whose visible keys all lie in the

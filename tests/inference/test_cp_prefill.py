@@ -70,7 +70,7 @@ def _greedy(m) -> list[list[int]]:
     return m.generate(prompts, max_new_tokens=8, prefill_chunk_size=7, stop_tokens=[])
 
 
-def _worker(rank: int, group, cases: list) -> None:
+def _worker(rank: int, group, cases: list, cp: int = 2) -> None:
     from megatron.core import parallel_state as ps
 
     tokens = _inputs()[0]
@@ -83,8 +83,8 @@ def _worker(rank: int, group, cases: list) -> None:
         ref_full = ref_model.logits(tokens, seq_len=max(LENS))
         ps.destroy_model_parallel()
 
-        ps.initialize_model_parallel(1, context_parallel_size=2)
-        m = tiny_model(sets, cp=2)
+        ps.initialize_model_parallel(1, context_parallel_size=cp)
+        m = tiny_model(sets, cp=cp)
         assert m.cached.cp_group is not None
         assert ref.abs().max() > 5  # peaked weights: a wrong rule would move these a lot
         for chunk in (max(LENS), 8):
@@ -103,6 +103,14 @@ def _worker(rank: int, group, cases: list) -> None:
 @pytest.mark.distributed
 def test_cp2_prefill_and_decode_equal_cp1(tmp_path) -> None:
     run_distributed(_worker, 2, tmp_path, cases=CASES)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_cp4_prefill_and_decode_equal_cp1(tmp_path) -> None:
+    """Four ranks: the 11-token row leaves whole zigzag shards empty."""
+    picked = [c for c in CASES if c[0] in ("rope", "hybrid-swa", "hybrid-chunk-temp", "dca")]
+    run_distributed(_worker, 4, tmp_path, cases=picked, cp=4)
 
 
 def test_longheads_is_refused() -> None:
