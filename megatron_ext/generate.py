@@ -8,6 +8,12 @@
 ``--set section.key=value`` overrides the stored run config (this is how a training-free method
 is switched on); ``inference.*`` keys set the sampling defaults. A progress bar shows prefill
 tokens/s; the peak memory is printed at the end. Design: docs/inference.md.
+
+Context-parallel prefill (the prompt sharded over ranks, the KV cache on every rank; rank 0
+prints the text):
+
+    torchrun --nproc-per-node 2 -m megatron_ext.generate --context-parallel 2 \
+        --checkpoint runs/tiny/checkpoint --prompt-file book.txt --set parallel.cp_layout=zigzag
 """
 
 from __future__ import annotations
@@ -37,6 +43,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="sampling seed")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if present)")
     p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"))
+    p.add_argument("--context-parallel", type=int, default=1, metavar="N",
+                   help="ranks that share the prompt's prefill (launch N ranks, e.g. torchrun "
+                        "--nproc-per-node N); default 1")
     p.add_argument("--set", dest="overrides", action="append", default=[],
                    metavar="SECTION.KEY=VALUE", help="override the run config (repeatable)")
     return p
@@ -46,6 +55,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     from megatron_ext.checkpoint import CheckpointError
     from megatron_ext.config import ConfigError
+    from megatron_ext.dist import is_main
     from megatron_ext.inference import load_model
 
     try:
@@ -57,15 +67,17 @@ def main(argv: Sequence[str] | None = None) -> None:
                 raise ValueError(f"--prompt-file {args.prompt_file!r}: {e.strerror}") from e
         else:
             prompt = args.prompt
-        m = load_model(args.checkpoint, args.overrides, device=args.device, dtype=args.dtype)
+        m = load_model(args.checkpoint, args.overrides, device=args.device, dtype=args.dtype,
+                       context_parallel=args.context_parallel)
         text = m.generate(
             prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
             top_k=args.top_k, top_p=args.top_p, prefill_chunk_size=args.prefill_chunk_size,
-            seed=args.seed, progress=True,
+            seed=args.seed, progress=is_main(),
         )[0]  # fmt: skip
     except (CheckpointError, ConfigError, ValueError) as e:
-        raise SystemExit(f"error: {e}") from None
-    sys.stdout.write(text + "\n")
+        raise SystemExit(f"error: {e}" if is_main() else 1) from None
+    if is_main():
+        sys.stdout.write(text + "\n")
 
 
 if __name__ == "__main__":

@@ -13,26 +13,25 @@ _DT = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def hf_inference_loader(path: str | os.PathLike, overrides: Iterable[str] = (), *,
-                        device: str | torch.device = "cpu", dtype: str = "fp32"):
-    """An `InferenceModel` of the HF model in `path` (`--set`-style `overrides` applied)."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
-
+                        device: str | torch.device = "cpu", dtype: str = "fp32",
+                        context_parallel: int = 1):
+    """An `InferenceModel` of the HF model in `path` (`--set`-style `overrides` applied),
+    context parallel over `context_parallel` ranks (see `load_model`)."""
     from megatron_ext.config import config_from_dict
     from megatron_ext.convert.api import hf_to_run_config, load_hf_into
     from megatron_ext.data.tokenizer import load_tokenizer
-    from megatron_ext.dist import init_distributed
-    from megatron_ext.inference.loader import from_model
-    from megatron_ext.specs import build_gpt_model
+    from megatron_ext.inference.loader import (
+        build_inference_model,
+        ensure_megatron,
+        from_model,
+        inference_config,
+    )
     from megatron_ext.typed_yaml import to_dict
 
     cfg = config_from_dict(to_dict(hf_to_run_config(path)), list(overrides))
-    if not dist.is_initialized():
-        init_distributed()
-    if not ps.model_parallel_is_initialized():
-        ps.initialize_model_parallel(1)
-    model = build_gpt_model(cfg.model, cfg.attention, vocab_size=cfg.model.vocab_size,
-                            perform_initialization=False)
+    cfg = inference_config(cfg, context_parallel)
+    ensure_megatron(context_parallel)
+    model = build_inference_model(cfg, cfg.model.vocab_size)
     load_hf_into(model, path)
     model = model.to(device=torch.device(device), dtype=_DT[dtype]).eval()
     return from_model(model, cfg, load_tokenizer(cfg.data.tokenizer))

@@ -12,6 +12,10 @@ per-document: with packed documents a row holds only its current document and is
    (``LayerMethod.attend``: causal, window, chunk or DCA's three passes);
 3. stores the new prepared keys and values.
 
+``store`` and ``attend_cached`` are the step's two halves on their own: context-parallel
+prefill (``cp_prefill.py``) attends a step's queries to the earlier keys with
+``attend_cached`` and stores the keys every rank prepared with ``store``.
+
 Memory per cached token and layer (Hkv KV heads of D dims, b bytes per element): full caches
 hold 2·Hkv·D·b for every position; a ring holds 2·Hkv·D·b for only its last R positions (R = W
 for a sliding window, R = c for chunked-local attention, whose visible keys all lie in the
@@ -69,21 +73,32 @@ class FullCache:
              qm: Meta, lengths: torch.Tensor, rope_len: int) -> torch.Tensor:
         """Attention output [B, n, H, D] of new tokens (raw q, k, v [B, n, heads, D])."""
         pos = qm.positions
+        qp = lm.prepare_q(q, qm, rope_len)
+        self.store(*lm.prepare_kv(k, v, qm, rope_len), pos)
+        out, _ = self.attend_cached(lm, qp, qm, lengths, rope_len)
+        return out.to(v.dtype)
+
+    def store(self, kp: torch.Tensor, vp: torch.Tensor, pos: torch.Tensor) -> None:
+        """Write prepared keys and values [B, n, Hkv, D] at positions [B, n] (-1 = none)."""
         cap = self.k.shape[1]
         if int(pos.max()) >= cap:
             raise ValueError(f"position {int(pos.max())} is past the cache capacity {cap}; "
                              "create the session with a larger total length")
-        qp = lm.prepare_q(q, qm, rope_len)
-        kp, vp = lm.prepare_kv(k, v, qm, rope_len)
         keep = pos >= 0
         write_rows(self.k, kp, pos.clamp(min=0), keep)
         write_rows(self.v, vp, pos.clamp(min=0), keep)
         write_rows(self.pos, pos, pos.clamp(min=0), keep)
         self.end = max(self.end, int(pos.max()) + 1)
+
+    def has_keys(self) -> bool:
+        return self.end > 0
+
+    def attend_cached(self, lm: LayerMethod, qp: torch.Tensor, qm: Meta, lengths: torch.Tensor,
+                      rope_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prepared queries against every stored key -> fp32 (out, lse)."""
         hi = self.end
         km = meta_of(self.pos[:, :hi], lengths)
-        out, _ = lm.attend(qp, self.k[:, :hi], self.v[:, :hi], qm, km, rope_len)
-        return out.to(v.dtype)
+        return lm.attend(qp, self.k[:, :hi], self.v[:, :hi], qm, km, rope_len)
 
 
 class RingCache:
@@ -119,11 +134,23 @@ class RingCache:
         vals = torch.cat((self.v, vp.to(self.v.dtype)), 1)
         km = meta_of(torch.cat((self.pos, pos), 1), lengths)
         out, _ = lm.attend(qp, keys, vals, qm, km, rope_len)
-        # Keep each row's last `size` positions; their slots are distinct.
+        self.store(kp, vp, pos)
+        return out.to(v.dtype)
+
+    def store(self, kp: torch.Tensor, vp: torch.Tensor, pos: torch.Tensor) -> None:
+        """Keep each row's last ``size`` positions of prepared keys and values [B, n, Hkv, D]
+        at positions [B, n] (-1 = none); their slots are distinct."""
         top = pos.max(dim=1, keepdim=True).values
         keep = (pos >= 0) & (pos > top - self.size)
         slots = pos.clamp(min=0) % self.size
         write_rows(self.k, kp, slots, keep)
         write_rows(self.v, vp, slots, keep)
         write_rows(self.pos, pos, slots, keep)
-        return out.to(v.dtype)
+
+    def has_keys(self) -> bool:
+        return bool((self.pos >= 0).any())
+
+    def attend_cached(self, lm: LayerMethod, qp: torch.Tensor, qm: Meta, lengths: torch.Tensor,
+                      rope_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prepared queries against the keys in the ring -> fp32 (out, lse)."""
+        return lm.attend(qp, self.k, self.v, qm, meta_of(self.pos, lengths), rope_len)

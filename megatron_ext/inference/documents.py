@@ -86,6 +86,11 @@ class RowDocuments:
         self.doc = torch.zeros(batch, dtype=torch.int64)
         self.start = torch.zeros(batch, dtype=torch.int64)
 
+    def advance(self, counts: torch.Tensor) -> None:
+        """Rows fed outside ``split`` (context-parallel prefill), each in its current document:
+        move every row's next index on by ``counts`` [B] tokens."""
+        self.next += torch.as_tensor(counts, dtype=torch.int64).cpu()
+
     def split(self, positions: torch.Tensor, doc_ids: torch.Tensor | None = None) -> list[Piece]:
         """Per-document positions of a fed block, cut where a row starts a new document.
 

@@ -23,6 +23,7 @@ import torch
 from megatron_ext.config import LongHeadsConfig
 from megatron_ext.inference.attend import LayerMethod, layer_method, meta_of
 from megatron_ext.inference.cache import FullCache, RingCache
+from megatron_ext.inference.cp_prefill import check_cp_prefill
 from megatron_ext.inference.longheads_cache import LongHeadsCache
 from megatron_ext.ops import token_meta
 from megatron_ext.ops.documents import document_runs
@@ -36,27 +37,40 @@ AttnFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 class CachedModel:
     """The per-layer methods of a GPTModel and the walk that runs it with caches.
 
+    Under context parallelism (a model built with ``cp`` > 1) every rank holds the whole
+    model and, after prefill, the whole cache: ``cp_group``, ``cp_layout`` and each layer's
+    context-parallel attention (``cp_attend``) serve the sharded prefill (``cp_prefill.py``);
+    the cached step itself never communicates.
+
     Args:
-        model: a GPTModel from ``build_gpt_model`` (tensor and context parallel size 1).
+        model: a GPTModel from ``build_gpt_model`` (tensor-parallel size 1).
         variant: the run's ``attention.variant`` (a LongHeads run builds a RoPE model).
         longheads: the LongHeads section (variant "longheads").
+        cp_layout: how a prompt is split over the context-parallel ranks ("zigzag" or
+            "contiguous"; used only when the model is context parallel).
     """
 
     def __init__(self, model: torch.nn.Module, variant: str,
-                 longheads: LongHeadsConfig | None = None) -> None:
+                 longheads: LongHeadsConfig | None = None, *, cp_layout: str = "zigzag") -> None:
         cfg = model.config
-        if cfg.tensor_model_parallel_size != 1 or cfg.context_parallel_size != 1:
+        if cfg.tensor_model_parallel_size != 1:
             raise ValueError(
-                f"inference runs one process: tensor_parallel_size="
-                f"{cfg.tensor_model_parallel_size}, context_parallel_size="
-                f"{cfg.context_parallel_size}; build the model with tp=1, cp=1")
+                f"inference runs at tensor_parallel_size=1, got "
+                f"{cfg.tensor_model_parallel_size}; build the model with tp=1")
+        self.cp_size = cfg.context_parallel_size
+        if self.cp_size > 1:
+            check_cp_prefill(variant, cp_layout, self.cp_size)
         self.model = model
         self.variant = variant
+        cores = [layer.self_attention.core_attention for layer in model.decoder.layers]
         self.layers: list[LayerMethod] = [
             layer_method(cfg, layer.layer_number, variant, longheads,
-                         method=getattr(layer.self_attention.core_attention, "method", None))
-            for layer in model.decoder.layers
+                         method=getattr(core, "method", None))
+            for layer, core in zip(model.decoder.layers, cores)
         ]
+        self.cp_layout = cp_layout
+        self.cp_group = cores[0].cp_group if self.cp_size > 1 else None
+        self.cp_attend = [core.attend for core in cores] if self.cp_size > 1 else []
         self.heads = cfg.num_attention_heads
         self.kv_heads = cfg.num_query_groups or cfg.num_attention_heads
         self.head_dim = cfg.kv_channels

@@ -15,6 +15,11 @@ A ``Session`` holds one cache per layer for B rows and feeds tokens at explicit 
 A prompt may hold packed documents (``doc_ids``): positions restart in each document, no token
 attends across one, and the new tokens continue the prompt's last document (``documents.py``).
 
+On a context-parallel model every rank of the group runs this loop with the same prompts: each
+prefill step's columns are sharded over the ranks and every rank's caches end up holding the
+whole prompt (``cp_prefill.py``); decode then runs on every rank, with the sampled tokens
+broadcast from the group's first rank. Packed documents are not taken there (refused).
+
 Length rules (dynamic NTK, DCA temperature) use the planned total length ``prompt +
 max_new_tokens``: per row for the DCA temperature, the longest row's for dynamic NTK (one
 frequency table per batch), so decode equals a full forward at that length.
@@ -27,7 +32,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 
+from megatron_ext.inference.cp_prefill import broadcast_tokens, cp_prefill_step
 from megatron_ext.inference.documents import RowDocuments, check_doc_ids
 from megatron_ext.inference.forward import CachedModel
 from megatron_ext.inference.sampling import SamplingParams, sample
@@ -86,6 +93,65 @@ class Session:
         """Logits [B, n, vocab] of tokens fed at positions (every row); see ``feed``."""
         with torch.no_grad():
             return self.cm.logits_of(self.feed(tokens, positions, doc_ids))
+
+    def prefill(
+        self,
+        tokens: torch.Tensor,
+        lens: torch.Tensor,
+        chunk_size: int,
+        on_prefill: Callable[[int], None] | None = None,
+        doc_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Feed right-padded prompts from position 0 in steps of ``chunk_size`` columns.
+
+        On a context-parallel model every rank of the group calls this with the same prompts:
+        each step's columns are sharded over the ranks (``cp_prefill.py``) and every rank's
+        caches end up holding the whole prompt.
+
+        Args:
+            tokens: int [B, S] prompts, right-padded. lens: int [B] real lengths (>= 1).
+            chunk_size: prompt columns per step (under CP, split over the ranks).
+            on_prefill: called with the number of prompt tokens each step consumed.
+            doc_ids: optional int [B, S] document ids of the prompts (see ``feed``); refused on
+                a context-parallel model.
+
+        Returns:
+            final hidden states [B, hidden] at each row's last prompt position.
+        """
+        B, S = tokens.shape
+        lens = torch.as_tensor(lens, dtype=torch.int64).cpu()
+        cm = self.cm
+        if doc_ids is not None and cm.cp_group is not None:
+            raise ValueError(
+                "doc_ids (packed documents in a prompt) with context-parallel prefill is not "
+                "supported; prefill packed prompts with context_parallel=1"
+            )
+        last = torch.zeros(B, cm.model.config.hidden_size, dtype=cm.dtype, device=cm.device)
+        col = torch.arange(S).expand(B, S)
+        positions = torch.where(col < lens[:, None], col, -1)
+        with torch.no_grad():
+            for s in range(0, S, chunk_size):
+                e = min(S, s + chunk_size)
+                if cm.cp_group is None:
+                    ids = None if doc_ids is None else doc_ids[:, s:e]
+                    h = self.feed(tokens[:, s:e], positions[:, s:e], ids)  # [n, B, hidden]
+                    cols = col[:, s:e]
+                else:
+                    counts = (lens - s).clamp(0, e - s)
+                    h, idx = cp_prefill_step(cm, self.caches, tokens[:, s:e], start=s,
+                                             counts=counts, lengths=self.lengths,
+                                             rope_len=self.rope_len)
+                    cols = torch.where(idx >= 0, idx + s, -1)
+                    self.docs.advance(counts)
+                rows, at = (cols == (lens - 1)[:, None]).nonzero(as_tuple=True)
+                if rows.numel():
+                    rows, at = rows.to(h.device), at.to(h.device)
+                    last[rows] = h[at, rows]
+                if on_prefill is not None:
+                    on_prefill(int((positions[:, s:e] >= 0).sum()))
+            if cm.cp_group is not None:  # each row's last token lived on one rank
+                dist.all_reduce(last, group=cm.cp_group)
+        return last
 
     def cache_bytes(self) -> int:
         return sum(c.nbytes() for c in self.caches)
@@ -154,21 +220,9 @@ def generate_tokens(
     session = Session(cm, (lens + max_new_tokens).tolist())
     stats = stats if stats is not None else GenerationStats()
     stats.prompt_tokens = int(lens.sum())
-    col = torch.arange(S).expand(B, S)
-    positions = torch.where(col < lens[:, None], col, -1)
 
     t0 = time.perf_counter()
-    last = torch.zeros(B, cm.model.config.hidden_size, dtype=cm.dtype, device=cm.device)
-    for s in range(0, S, prefill_chunk_size):
-        e = min(S, s + prefill_chunk_size)
-        ids = None if docs is None else docs[:, s:e]
-        h = session.feed(tokens[:, s:e], positions[:, s:e], ids)  # [n, B, hidden]
-        rows = ((lens - 1 >= s) & (lens - 1 < e)).nonzero().flatten()
-        if rows.numel():
-            idx = (lens[rows] - 1 - s).to(h.device)
-            last[rows.to(h.device)] = h[idx, rows.to(h.device)]
-        if on_prefill is not None:
-            on_prefill(int(((positions[:, s:e]) >= 0).sum()))
+    last = session.prefill(tokens, lens, prefill_chunk_size, on_prefill, doc_ids=docs)
     with torch.no_grad():
         logits = cm.logits_of(last[None])[:, 0]  # [B, vocab]
     stats.prefill_s = time.perf_counter() - t0
@@ -178,7 +232,10 @@ def generate_tokens(
     done = [False] * B
     t0 = time.perf_counter()
     for step in range(max_new_tokens):
-        nxt = sample(logits, sampling, generator).cpu()
+        nxt = sample(logits, sampling, generator)
+        if cm.cp_group is not None:  # every rank decodes; they continue with one choice
+            broadcast_tokens(nxt, cm.cp_group)
+        nxt = nxt.cpu()
         for b in range(B):
             if not done[b]:
                 tok = int(nxt[b])

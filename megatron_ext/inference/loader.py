@@ -40,7 +40,7 @@ from megatron_ext.checkpoint import (
 from megatron_ext.config import RunConfig, load_config
 from megatron_ext.inference.model import InferenceModel
 
-__all__ = ["from_model", "load_model", "resolve_checkpoint"]
+__all__ = ["ensure_megatron", "from_model", "load_model", "resolve_checkpoint"]
 
 _DTYPES = ("fp32", "bf16", "fp16")
 def _latest(run_dir: Path) -> Path:
@@ -92,16 +92,41 @@ def _override_strings(overrides: Mapping[str, Any] | Iterable[str] | None) -> li
     return list(overrides)
 
 
-def _ensure_megatron() -> None:
+def _check_cp_size(context_parallel: int) -> None:
+    if isinstance(context_parallel, bool) or not isinstance(context_parallel, int) or \
+            context_parallel < 1:
+        raise ValueError(f"context_parallel={context_parallel!r}; expected an int >= 1")
+
+
+def ensure_megatron(context_parallel: int = 1) -> None:
+    """A process group and Megatron parallel state with TP = 1 and CP = ``context_parallel``.
+
+    One process gets a gloo group of its own; context parallelism needs a launcher (torchrun,
+    srun, mpirun) with a multiple of ``context_parallel`` ranks (several CP groups each run the
+    same generation). With ``context_parallel`` > 1 an existing parallel state must have that
+    CP size; a model at CP = 1 uses no group, so any existing state serves it.
+    """
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    from megatron_ext.dist import init_distributed
+    from megatron_ext.dist import get_world_size, init_distributed
 
+    _check_cp_size(context_parallel)
     if not dist.is_initialized():
-        init_distributed(backend="gloo")
+        init_distributed(backend="gloo" if context_parallel == 1 else "auto")
+    world = get_world_size()
+    if world % context_parallel:
+        raise ValueError(
+            f"context_parallel={context_parallel} needs a multiple of {context_parallel} ranks; "
+            f"this job has {world} (launch with torchrun --nproc-per-node {context_parallel})")
     if not ps.model_parallel_is_initialized():
-        ps.initialize_model_parallel(tensor_model_parallel_size=1)
+        ps.initialize_model_parallel(tensor_model_parallel_size=1,
+                                     context_parallel_size=context_parallel)
+    elif context_parallel > 1 and ps.get_context_parallel_world_size() != context_parallel:
+        raise ValueError(
+            f"context_parallel={context_parallel}, but Megatron's parallel state is already "
+            f"initialised with context_parallel_size={ps.get_context_parallel_world_size()}; "
+            "destroy it (parallel_state.destroy_model_parallel()) or pass that size")
 
 
 def build_attention(cfg: RunConfig):
@@ -115,6 +140,30 @@ def from_model(model: torch.nn.Module, cfg: RunConfig, tokenizer=None) -> Infere
     return InferenceModel(model, cfg, tokenizer)
 
 
+def inference_config(cfg: RunConfig, context_parallel: int) -> RunConfig:
+    """``cfg`` with the context-parallel size inference runs at (TP = 1); refuses a method that
+    has no context-parallel prefill before anything is built."""
+    _check_cp_size(context_parallel)
+    if context_parallel > 1:
+        from megatron_ext.inference.cp_prefill import check_cp_prefill
+
+        check_cp_prefill(cfg.attention.variant, cfg.parallel.cp_layout, context_parallel)
+    par = dataclasses.replace(cfg.parallel, tensor_parallel_size=1,
+                              context_parallel_size=context_parallel)
+    return dataclasses.replace(cfg, parallel=par)
+
+
+def build_inference_model(cfg: RunConfig, vocab_size: int) -> torch.nn.Module:
+    """The GPTModel inference runs (uninitialised weights), context parallel when
+    ``cfg.parallel.context_parallel_size`` > 1 (with ``parallel.cp_algorithm``)."""
+    from megatron_ext.specs import build_gpt_model
+
+    par = cfg.parallel
+    return build_gpt_model(cfg.model, build_attention(cfg), vocab_size=vocab_size,
+                           perform_initialization=False, cp=par.context_parallel_size,
+                           cp_algorithm=par.cp_algorithm)
+
+
 def load_model(
     path: str | os.PathLike,
     overrides: Mapping[str, Any] | Iterable[str] | None = None,
@@ -122,21 +171,28 @@ def load_model(
     device: str | torch.device | None = None,
     dtype: str = "fp32",
     tokenizer: Any = None,
+    context_parallel: int = 1,
 ) -> InferenceModel:
     """Load a checkpoint for inference.
 
     Args:
-        path: a checkpoint directory, a run directory with ``latest``, or (with a registered
-            loader) a Hugging Face directory.
+        path: a checkpoint directory, a run directory with ``latest``, or a Hugging Face
+            directory (converted on the fly).
         overrides: ``{"section.key": value}`` or ``["section.key=value", ...]`` applied to the
             stored run config.
         device: "cpu", "cuda", ...; default CUDA when available.
         dtype: "fp32", "bf16" or "fp16" (weights are loaded in fp32, then cast).
         tokenizer: a ``tokenizers.Tokenizer``; default the run's ``data.tokenizer``.
+        context_parallel: ranks that share each prompt's prefill (every rank of a launcher job
+            calls ``load_model`` and then ``generate`` with the same arguments); the split and
+            the plan are ``parallel.cp_layout`` and ``parallel.cp_algorithm``. See
+            docs/inference.md, "Context-parallel prefill".
 
     Raises:
         CheckpointError: missing or incomplete checkpoint, or weights that do not fit.
         ConfigError: an unknown key, value or method in the overrides.
+        ValueError: a method without context-parallel prefill, or a job whose size does not
+            fit ``context_parallel``.
     """
     if dtype not in _DTYPES:
         raise ValueError(f"dtype={dtype!r}; expected one of {_DTYPES}")
@@ -148,18 +204,16 @@ def load_model(
     if p.is_dir() and (p / "config.json").is_file() and not (p / MARKER).exists():
         from megatron_ext.convert.inference_hook import hf_inference_loader
 
-        return hf_inference_loader(p, overrides=sets, device=device, dtype=dtype)
+        return hf_inference_loader(p, overrides=sets, device=device, dtype=dtype,
+                                   context_parallel=context_parallel)
     ckpt, config_file = resolve_checkpoint(p)
-    cfg = load_config(config_file, sets)
+    cfg = inference_config(load_config(config_file, sets), context_parallel)
     marker = read_checkpoint_info(ckpt)
     vocab = marker["model"].get("vocab_size") or cfg.model.vocab_size
     if not vocab:
         raise CheckpointError(f"{ckpt}: the marker records no vocab_size")
-    _ensure_megatron()
-    from megatron_ext.specs import build_gpt_model
-
-    model = build_gpt_model(cfg.model, build_attention(cfg), vocab_size=int(vocab),
-                            perform_initialization=False)
+    ensure_megatron(context_parallel)
+    model = build_inference_model(cfg, int(vocab))
     load_megatron_checkpoint(model, ckpt)
     model = model.to(device=device, dtype={"fp32": torch.float32, "bf16": torch.bfloat16,
                                            "fp16": torch.float16}[dtype])

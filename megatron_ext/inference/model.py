@@ -21,6 +21,7 @@ from collections.abc import Sequence
 import torch
 
 from megatron_ext.config import RunConfig
+from megatron_ext.inference.cp_prefill import cp_logits
 from megatron_ext.inference.documents import check_doc_ids
 from megatron_ext.inference.forward import CachedModel
 from megatron_ext.inference.generation import GenerationStats, Session, generate_tokens
@@ -42,9 +43,14 @@ def peak_memory_bytes(device: torch.device | None = None) -> int:
 class InferenceModel:
     """A GPTModel ready for inference (eval mode, one process).
 
+    A model built context parallel (``cp`` > 1) prefills each prompt sharded over its CP
+    group and keeps the whole cache on every rank (``cp_prefill.py``); every rank of the group
+    then calls ``generate`` / ``logits`` with the same arguments and gets the same result.
+
     Args:
-        model: a GPTModel from ``build_gpt_model`` with tp = cp = 1.
-        config: the run config it was built from (after overrides).
+        model: a GPTModel from ``build_gpt_model`` with tp = 1 (any cp).
+        config: the run config it was built from (after overrides); ``parallel.cp_layout``
+            splits prompts under context parallelism.
         tokenizer: a ``tokenizers.Tokenizer`` or None (then prompts must be token ids).
     """
 
@@ -53,7 +59,8 @@ class InferenceModel:
         self.config = config
         self.tokenizer = tokenizer
         att = config.attention
-        self.cached = CachedModel(model, att.variant, att.longheads)
+        self.cached = CachedModel(model, att.variant, att.longheads,
+                                  cp_layout=config.parallel.cp_layout)
         self.last_stats = GenerationStats()
 
     @property
@@ -106,6 +113,13 @@ class InferenceModel:
         with torch.no_grad():
             if self.config.attention.variant == "longheads":
                 return self.cached.longheads_logits(tokens, doc_ids)
+            if self.cached.cp_group is not None:
+                if doc_ids is not None:
+                    raise ValueError(
+                        "doc_ids with a context-parallel model is not supported; load the model "
+                        "with context_parallel=1 for packed documents"
+                    )
+                return cp_logits(self.cached, tokens, seq_len)
             return gpt_forward(self.model, tokens, positions=positions, doc_ids=doc_ids,
                                seq_len=seq_len)
 
@@ -139,7 +153,8 @@ class InferenceModel:
             max_new_tokens: tokens to generate per prompt.
             temperature, top_k, top_p: sampling (temperature 0 = greedy).
             stop_tokens: ids that end a row; default the tokenizer's end-of-text token.
-            prefill_chunk_size: prompt tokens per prefill step.
+            prefill_chunk_size: prompt tokens per prefill step (under context
+                parallelism, split over the ranks).
             seed: seed of the sampling generator.
             progress: show a progress bar (prefill tokens/s) and print peak memory.
             doc_ids: packed documents inside token-id prompts: one id per prompt token,

@@ -11,7 +11,11 @@ import torch
 
 from megatron_ext.config import RunConfig, load_config
 from megatron_ext.inference import InferenceModel, from_model
-from megatron_ext.inference.loader import build_attention
+from megatron_ext.inference.loader import (
+    build_attention,
+    build_inference_model,
+    inference_config,
+)
 from megatron_ext.specs import build_gpt_model
 
 VOCAB = 97
@@ -58,9 +62,17 @@ def peak_weights(model: torch.nn.Module, seed: int = 0) -> None:
                 p.copy_(noise * (0.5 if "embedding" in name else 0.2 if "qkv" in name else 0.1))
 
 
-def tiny_model(overrides: list[str], seed: int = 0) -> InferenceModel:
-    """An InferenceModel of TINY + overrides with peaked weights (fp32, CPU)."""
+def tiny_model(overrides: list[str], seed: int = 0, cp: int = 1) -> InferenceModel:
+    """An InferenceModel of TINY + overrides with peaked weights (fp32, CPU).
+
+    With ``cp`` > 1 the model is built context parallel over Megatron's CP group (initialised
+    by the caller) the way ``load_model(..., context_parallel=cp)`` builds it.
+    """
     cfg = tiny_config(overrides)
-    model = build_gpt_model(cfg.model, build_attention(cfg), vocab_size=VOCAB)
+    if cp > 1:
+        cfg = inference_config(cfg, cp)
+        model = build_inference_model(cfg, VOCAB)
+    else:
+        model = build_gpt_model(cfg.model, build_attention(cfg), vocab_size=VOCAB)
     peak_weights(model, seed)
     return from_model(model, cfg)
