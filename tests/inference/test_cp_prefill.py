@@ -97,6 +97,11 @@ def _worker(rank: int, group, cases: list, cp: int = 2) -> None:
         assert _greedy(m) == ref_tokens, name
         full = m.logits(tokens, seq_len=max(LENS))
         assert (full - ref_full).abs().max() <= TOL, name
+        docs = torch.zeros_like(tokens)  # packed documents are refused under CP, not ignored
+        with pytest.raises(ValueError, match="context_parallel=1"):
+            m.logits(tokens, doc_ids=docs)
+        with pytest.raises(ValueError, match="context_parallel=1"):
+            m.session([max(LENS)] * len(LENS)).prefill(tokens, torch.tensor(LENS), 8, doc_ids=docs)
         ps.destroy_model_parallel()
 
 
