@@ -24,3 +24,20 @@ def write_section(key: str, title: str, text: str, doc: Path = DOC) -> None:
         new = old.rstrip("\n") + "\n\n" + section + "\n"
     doc.parent.mkdir(parents=True, exist_ok=True)
     doc.write_text(new)
+
+
+def stamp(device: str) -> str:
+    """The line every GPU table opens with: device, date and torch version."""
+    import datetime
+
+    import torch
+
+    return f"Device: {device}; date: {datetime.date.today().isoformat()}; torch {torch.__version__}"
+
+
+def publish(key: str, title: str, lines: list[str], write: bool) -> None:
+    """Print a table's lines and, with ``write``, make them section ``key`` of the doc."""
+    text = "\n".join(lines)
+    print(text)
+    if write:
+        write_section(key, title, text)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import os
 import sys
 from collections.abc import Callable
@@ -159,21 +158,15 @@ def main() -> None:
         rows.append(f"| {name} | " + " | ".join(f"{e:.2e}" for e in errs)
                     + f" | {worst:.2e} | {worst / base:.2f} | {ok} |")  # fmt: skip
         print(rows[-1], flush=True)
-    text = "\n".join([
-        f"Device: {name_of}; date: {datetime.date.today().isoformat()}; "
-        f"torch {torch.__version__}; bf16 inputs B={B}, S={S}, H={H}, Hkv={Hkv}, D={D}; DCA "
+    doc_tables.publish("gpu_numerics", "GPU bf16 numerics (benchmarks/gpu_numerics.py)", [
+        f"{doc_tables.stamp(name_of)}; bf16 inputs B={B}, S={S}, H={H}, Hkv={Hkv}, D={D}; DCA "
         f"M={args.dca_chunk_size}, W={args.dca_local_size}; reference fp64 torch tiles.",
         f"Command: `python benchmarks/gpu_numerics.py --seq {S}`",
         "",
         "| path | out | dq | dk | dv | max | / baseline | within 2x |",
         "|---|---:|---:|---:|---:|---:|---:|---|",
         *rows,
-    ])  # fmt: skip
-    print(text)
-    if args.write:
-        doc_tables.write_section("gpu_numerics", "GPU bf16 numerics (benchmarks/gpu_numerics.py)",
-                                 text)
-
+    ], args.write)  # fmt: skip
 
 if __name__ == "__main__":
     main()

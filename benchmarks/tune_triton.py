@@ -16,7 +16,6 @@ Usage (CUDA only)::
 from __future__ import annotations
 
 import argparse
-import datetime
 import sys
 import time
 from pathlib import Path
@@ -100,9 +99,9 @@ def main() -> None:
         finally:
             interface._GPU_CONFIGS[(128, True)] = shipped
         print(rows[-1], flush=True)
-    text = "\n".join([
-        f"Device: {torch.cuda.get_device_name(dev)}; date: {datetime.date.today().isoformat()}; "
-        f"torch {torch.__version__}; bf16 causal B=1, S={S}, H={H}, D={D}.",
+    doc_tables.publish("tune_triton", "Triton tile sweep (benchmarks/tune_triton.py)", [
+        f"{doc_tables.stamp(torch.cuda.get_device_name(dev))}; bf16 causal B=1, S={S}, H={H}, "
+        f"D={D}.",
         f"Command: `python benchmarks/tune_triton.py --seq {S}`",
         "",
         "Config = (BLOCK_M, BLOCK_N, BLOCK_M_DQ, BLOCK_N_DQ, BLOCK_M_KV, BLOCK_N_KV, warps, "
@@ -111,12 +110,7 @@ def main() -> None:
         "| config | fwd ms | bwd ms | fwd TFLOP/s | bwd TFLOP/s | matches SDPA |",
         "|---|---:|---:|---:|---:|---|",
         *rows,
-    ])  # fmt: skip
-    print(text)
-    if args.write:
-        doc_tables.write_section("tune_triton", "Triton tile sweep (benchmarks/tune_triton.py)",
-                                 text)
-
+    ], args.write)  # fmt: skip
 
 if __name__ == "__main__":
     main()
