@@ -40,6 +40,18 @@ def load_plan(path: str | os.PathLike) -> dict:
     missing = [k for k in need if k not in plan]
     if missing:
         raise ValueError(f"plan {path}: missing keys {missing}")
+    mix = plan.get("retrieval_mix")
+    if mix is not None:
+        if int(mix.get("seed", -1)) == int(plan["seed"]) or "seed" not in mix:
+            raise ValueError(f"plan {path}: retrieval_mix.seed={mix.get('seed')!r}; expected a "
+                             f"seed other than the evaluation seed {plan['seed']}")
+        if not 0.0 < float(mix.get("weight", 0)) < 1.0 or int(mix.get("docs", 0)) < 1:
+            raise ValueError(f"plan {path}: retrieval_mix={mix}; expected docs >= 1 and "
+                             "0 < weight < 1")
+    for name, m in plan["models"].items():
+        if m.get("mix_retrieval") and mix is None:
+            raise ValueError(f"plan {path}: model {name!r} sets mix_retrieval but the plan has "
+                             "no retrieval_mix section")
     for name, m in plan["methods"].items():
         if m.get("model") not in plan["models"]:
             raise ValueError(f"plan {path}: method {name!r} uses model {m.get('model')!r}; "
@@ -67,6 +79,8 @@ def train_models(plan: dict, *, force: bool = False) -> None:
         if (out / "checkpoints" / "latest").exists() and not force:
             continue
         sets = ["--set", f"train.out_dir={out}"]
+        if m.get("mix_retrieval"):
+            sets += ["--set", _retrieval_blend(plan, root)]
         for item in m.get("train_set", []):  # e.g. a shorter schedule for a quick plan
             sets += ["--set", str(item)]
         nproc = int(m.get("nproc", 1))
@@ -78,6 +92,21 @@ def train_models(plan: dict, *, force: bool = False) -> None:
         info = {"config": m["config"], "nproc": nproc, "wall_s": round(wall, 1),
                 "hardware": hardware_info()}
         (out / "train_info.json").write_text(json.dumps(info, indent=1), encoding="utf-8")
+
+
+def _retrieval_blend(plan: dict, root: Path) -> str:
+    """The ``data.blend`` override of a model trained with synthetic passkey documents (written
+    once per plan under runs_dir; see ``retrieval_mix.py``)."""
+    from megatron_ext.data.tokenizer import load_tokenizer
+    from megatron_ext.eval.retrieval_mix import write_retrieval_corpus
+
+    mix = plan["retrieval_mix"]
+    path = root / "retrieval_mix.jsonl"
+    if not path.exists():
+        write_retrieval_corpus(path, load_tokenizer(None), docs=int(mix["docs"]),
+                               max_length=int(plan["train_length"]), seed=int(mix["seed"]))
+    w = float(mix["weight"])
+    return f"data.blend=[{{path: embedded, weight: {1 - w:g}}}, {{path: {path}, weight: {w:g}}}]"
 
 
 def evaluate_methods(plan: dict, *, force: bool = False) -> None:
@@ -119,7 +148,7 @@ def render(plan: dict, out_md: str | os.PathLike = "docs/scorecard.md") -> Path:
     import numpy as np
 
     root, md = Path(plan["runs_dir"]), Path(out_md)
-    fig_dir = md.parent / "scorecard"
+    fig_dir = md.parent / md.stem  # docs/scorecard.md -> docs/scorecard/*.png
     fig_dir.mkdir(parents=True, exist_ok=True)
     T, mults = plan["train_length"], plan["multiples"]
     lengths = [str(T * k) for k in mults]
@@ -227,7 +256,7 @@ def render(plan: dict, out_md: str | os.PathLike = "docs/scorecard.md") -> Path:
         fig.tight_layout()
         fig.savefig(fig_dir / f"passkey_{n}.png")
         plt.close(fig)
-        plots.append(f"![passkey {n}](scorecard/passkey_{n}.png)")
+        plots.append(f"![passkey {n}]({md.stem}/passkey_{n}.png)")
     fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
     for n in res:
         ys = [ppl(n, L) for L in lengths]
@@ -242,7 +271,7 @@ def render(plan: dict, out_md: str | os.PathLike = "docs/scorecard.md") -> Path:
     fig.tight_layout()
     fig.savefig(fig_dir / "ppl_vs_length.png")
     plt.close(fig)
-    lines += ["", "## Plots", "", "![perplexity vs length](scorecard/ppl_vs_length.png)", "",
+    lines += ["", "## Plots", "", f"![perplexity vs length]({md.stem}/ppl_vs_length.png)", "",
               *plots, ""]
     tmp = md.with_name(f".{md.name}.tmp")
     tmp.write_text("\n".join(lines), encoding="utf-8")
