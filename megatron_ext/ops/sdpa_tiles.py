@@ -21,6 +21,12 @@ Fix-ups, the same ideas as ``cpu_flash.py``:
 
 Engines (``SDPA_ENGINES``): "cudnn" and "flash" are the CUDA ops; "cpu" runs the same contract
 on torch's fused CPU ops, so the fix-ups above are tested without a GPU.
+
+Not measured yet: cuDNN builds an execution plan per distinct piece shape and caches it. The
+benchmarks reuse shapes (fixed lengths, fixed document layout); training on packed documents
+whose boundaries move every batch gives new piece shapes each step, and the cost of those
+builds is unknown. Where it shows, ``MEGATRON_EXT_SDPA_ENGINE=flash`` (no per-shape plans;
+slower kernels) or ``MEGATRON_EXT_ATTN_BACKEND=triton`` are the alternatives.
 """
 
 from __future__ import annotations
