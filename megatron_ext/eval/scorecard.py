@@ -182,6 +182,17 @@ def render(plan: dict, out_md: str | os.PathLike = "docs/scorecard.md") -> Path:
                   f"`{root}/results/`). Run the command above to train and evaluate them.", ""]
     lines += ["## Passkey retrieval, exact match (%)", "", head, sep]
     lines += [f"| {n} | " + " | ".join(_pct(passkey(n, L)) for L in lengths) + " |" for n in res]
+
+    def partial(name: str, n: str, key: str) -> float | None:
+        return res[name]["tasks"].get("passkey", {}).get(n, {}).get(key)
+
+    lines += ["", "Partial credit (not the target): first digit right (%) / share of digits "
+              "right (%). Guessing does well here: keys are drawn from 1-50000, so about 22% of "
+              "them start with each of 1-4, and a random digit is right 10% of the time.", "",
+              head, sep]
+    lines += [f"| {n} | " + " | ".join(f"{_pct(partial(n, L, 'first_digit'))} / "
+                                       f"{_pct(partial(n, L, 'digits'))}" for L in lengths)
+              + " |" for n in res]  # fmt: skip
     for proto in ("truncation", "sliding"):
         lines += ["", f"## Perplexity, {proto} protocol (held-out books)", "", head, sep]
         lines += [f"| {n} | " + " | ".join(_ppl(ppl(n, L, proto)) for L in lengths) + " |"
