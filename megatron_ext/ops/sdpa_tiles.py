@@ -26,7 +26,7 @@ Not measured yet: cuDNN builds an execution plan per distinct piece shape and ca
 benchmarks reuse shapes (fixed lengths, fixed document layout); training on packed documents
 whose boundaries move every batch gives new piece shapes each step, and the cost of those
 builds is unknown. Where it shows, ``MEGATRON_EXT_SDPA_ENGINE=flash`` (no per-shape plans;
-slower kernels) or ``MEGATRON_EXT_ATTN_BACKEND=triton`` are the alternatives.
+slower kernels) or forcing the "triton" backend (``backend.py``) are the alternatives.
 """
 
 from __future__ import annotations
