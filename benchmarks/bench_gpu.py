@@ -34,9 +34,6 @@ device name) and leaves the rest of the file alone.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import datetime
-import os
 import statistics
 import sys
 import time
@@ -60,7 +57,7 @@ from megatron_ext.ops import (  # noqa: E402
     dual_chunk_attn_func,
 )
 from megatron_ext.ops.backend import choose_backend, force_backend, installed  # noqa: E402
-from megatron_ext.ops.sdpa_tiles import ENGINE_VAR  # noqa: E402
+from megatron_ext.ops.sdpa_tiles import force_engine  # noqa: E402
 from megatron_ext.ops.triton import triton_attention, triton_available  # noqa: E402
 
 DOC = ROOT / "docs" / "benchmarks.md"
@@ -102,27 +99,16 @@ def _dca_torch(x: dict, m: int, w: int) -> torch.Tensor:
         return dual_chunk_attn_func(x["q"], x["k"], x["v"], chunk_size=m, local_size=w)
 
 
-@contextlib.contextmanager
-def _sdpa_engine(engine: str):
-    """Interval pieces on PyTorch's fused kernels with the given engine (ops/sdpa_tiles.py)."""
-    old = os.environ.get(ENGINE_VAR)
-    os.environ[ENGINE_VAR] = engine
-    try:
-        with force_backend("sdpa"):
-            yield
-    finally:
-        os.environ.pop(ENGINE_VAR) if old is None else os.environ.update({ENGINE_VAR: old})
-
-
 def _dca_sdpa(x: dict, m: int, w: int, engine: str) -> torch.Tensor:
-    with _sdpa_engine(engine):
+    """DCA's passes on PyTorch's fused kernels with the given engine (ops/sdpa_tiles.py)."""
+    with force_backend("sdpa"), force_engine(engine):
         return dual_chunk_attn_func(x["q"], x["k"], x["v"], chunk_size=m, local_size=w)
 
 
 def _cp_block(x: dict, backend: str) -> torch.Tensor:
     """The CP ring's diagonal (causal) block call, on the given interval backend."""
     pos = torch.arange(x["q"].shape[1], device=x["q"].device)
-    with _sdpa_engine("cudnn") if backend == "sdpa" else force_backend(backend):
+    with force_backend(backend), force_engine("cudnn" if backend == "sdpa" else None):
         return block_attention(x["q"], x["k"], x["v"], q_positions=pos, k_positions=pos)[0]
 
 
@@ -232,8 +218,8 @@ def device_name(device: torch.device) -> str:
 
 def table(rows: list[dict], device: torch.device, dtype, B: int, H: int, D: int, cmd: str) -> str:
     head = [
-        f"Device: {device_name(device)}; date: {datetime.date.today().isoformat()}; torch "
-        f"{torch.__version__}; {str(dtype).replace('torch.', '')}, B={B}, H={H}, D={D}; "
+        f"{doc_tables.stamp(device_name(device))}; {str(dtype).replace('torch.', '')}, B={B}, "
+        f"H={H}, D={D}; "
         f"attention_func(auto) = {select_backend_name(device, dtype, D)}.",
         f"Command: `{cmd}`",
         "",

@@ -22,8 +22,6 @@ Usage (CUDA only)::
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -44,29 +42,15 @@ from megatron_ext.ops import (  # noqa: E402
     dual_chunk_attn_func,
     force_backend,
 )
-from megatron_ext.ops.sdpa_tiles import ENGINE_VAR  # noqa: E402
+from megatron_ext.ops.sdpa_tiles import force_engine  # noqa: E402
 from megatron_ext.ops.triton import triton_attention  # noqa: E402
 
 Fn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-@contextlib.contextmanager
-def backend(name: str | None, engine: str | None = None):
-    old = os.environ.get(ENGINE_VAR)
-    if engine:
-        os.environ[ENGINE_VAR] = engine
-    try:
-        with force_backend(name):
-            yield
-    finally:
-        os.environ.pop(ENGINE_VAR, None)
-        if old is not None:
-            os.environ[ENGINE_VAR] = old
-
-
 def _grads(fn: Fn, q, k, v, dout_seed: int, name=None, engine=None) -> list[torch.Tensor]:
     q, k, v = (x.detach().clone().requires_grad_() for x in (q, k, v))
-    with backend(name, engine):
+    with force_backend(name), force_engine(engine):
         out = fn(q, k, v)
         g = torch.Generator(device=out.device).manual_seed(dout_seed)
         dout = torch.randn(out.shape, generator=g, device=out.device).to(out.dtype)

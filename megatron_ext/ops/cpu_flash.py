@@ -22,7 +22,7 @@ import torch
 
 from megatron_ext.ops.blockwise import Piece
 
-__all__ = ["FusedCPUTiles", "fused_cpu_available"]
+__all__ = ["FusedCPUTiles", "fused_cpu_available", "lse_grad_columns"]
 
 _HALF = (torch.bfloat16, torch.float16)
 
@@ -39,6 +39,29 @@ def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """bool [Bp, bq, bk] -> additive float mask [Bp, 1, bq, bk] (0 visible, -inf hidden)."""
     zero = torch.zeros(mask.shape, dtype=dtype, device=mask.device)
     return zero.masked_fill_(~mask, float("-inf")).unsqueeze(1)
+
+
+def lse_grad_columns(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, do: torch.Tensor,
+    dlse: torch.Tensor, *, width: int,
+) -> tuple[torch.Tensor, ...]:  # fmt: skip
+    """Append ``width`` head-dim columns that carry a gradient into lse through an attention
+    backward computing ``D = rowsum(dO * O)``: zeros in q, k and v (logits unchanged, the scale
+    is passed explicitly), ``-dlse`` in O's first new column against a 1 in dO's, zeros
+    elsewhere. The backward's gradients then have ``width`` extra columns to drop.
+
+    Args:
+        q, o, do: [B, H, Sq, D]; k, v: [B, Hkv, Sk, D]; dlse: [B, H, Sq].
+        width: columns to append (kernels that want head dims in multiples of 8 take 8).
+    """
+    zq = q.new_zeros(1).expand(*q.shape[:-1], width)
+    zk = k.new_zeros(1).expand(*k.shape[:-1], width)
+    extra = o.new_zeros(*o.shape[:-1], width)
+    extra[..., 0] = -dlse.to(o.dtype)
+    one = torch.zeros_like(extra)
+    one[..., 0] = 1
+    return (torch.cat((q, zq), -1), torch.cat((k, zk), -1), torch.cat((v, zk), -1),
+            torch.cat((o, extra), -1), torch.cat((do, one), -1))  # fmt: skip
 
 
 class FusedCPUTiles:
@@ -82,11 +105,7 @@ class FusedCPUTiles:
         self.lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse)).to(ldt)
         self.pad = dlse is not None
         if self.pad:
-            col = q.new_zeros(1).expand(*q.shape[:-1], 1)
-            kcol = k.new_zeros(1).expand(*k.shape[:-1], 1)
-            q, k, v = torch.cat((q, col), -1), torch.cat((k, kcol), -1), torch.cat((v, kcol), -1)
-            o = torch.cat((o, -dlse.to(o.dtype).unsqueeze(-1)), -1)
-            do = torch.cat((do, torch.ones_like(do[..., :1])), -1)
+            q, k, v, o, do = lse_grad_columns(q, k, v, o, do, dlse, width=1)
         self.gq, self.gk, self.gv, self.do, self.o = q, k, v, do, o
 
     def bwd(self, bsel, r0: int, r1: int, piece: Piece, mask: torch.Tensor | None):

@@ -8,7 +8,7 @@ plan is one call of the fused forward, and its backward is the fused backward ca
 *merged* (out, lse) of the whole softmax ("ring style", docs/methods/conventions.md, "Backward of
 the merge"), which makes every piece's gradient exact.
 
-Fix-ups, the same ideas as ``cpu_flash.py``:
+Fix-ups, the same ideas as ``cpu_flash.py`` (whose ``lse_grad_columns`` both use):
 
 - ragged *masked* pieces (interval edges that are not a square diagonal) go to the plain torch
   tiles (``blockwise.TorchTiles``); DCA and CP plans have few of them;
@@ -31,34 +31,51 @@ slower kernels) or forcing the "triton" backend (``backend.py``) are the alterna
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 
 from megatron_ext.ops.blockwise import Piece, TorchTiles
+from megatron_ext.ops.cpu_flash import lse_grad_columns
 
-__all__ = ["ENGINE_VAR", "SDPA_ENGINES", "SDPATiles", "sdpa_engine"]
+__all__ = ["ENGINE_VAR", "SDPA_ENGINES", "SDPATiles", "force_engine", "sdpa_engine"]
 
 SDPA_ENGINES = ("cudnn", "flash", "cpu")
 ENGINE_VAR = "MEGATRON_EXT_SDPA_ENGINE"
 _PAD = 8
 _ops = torch.ops.aten
 _cudnn_lse_dims: list[int] = []  # the lse rank cuDNN's forward returned (3 or 4), once known
+_forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("sdpa_engine", default=None)
 
 Fwd = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, bool, float], tuple]
 Bwd = Callable[..., tuple]
 
 
 def sdpa_engine(device: torch.device) -> str:
-    """The engine for tensors on ``device``: ``$MEGATRON_EXT_SDPA_ENGINE`` on CUDA (default
-    "cudnn"), "cpu" on the CPU."""
+    """The engine for tensors on ``device``: on CUDA ``force_engine``'s, else
+    ``$MEGATRON_EXT_SDPA_ENGINE``, else "cudnn"; "cpu" on the CPU."""
     if device.type != "cuda":
         return "cpu"
-    name = os.environ.get(ENGINE_VAR, "cudnn")
+    name = _forced.get() or os.environ.get(ENGINE_VAR, "cudnn")
     if name not in ("cudnn", "flash"):
         raise ValueError(f"{ENGINE_VAR}={name!r}; expected 'cudnn' or 'flash' on CUDA")
     return name
+
+
+@contextlib.contextmanager
+def force_engine(name: str | None) -> Iterator[None]:
+    """Plan the block's CUDA interval pieces on engine ``name`` ("cudnn" / "flash"; None: the
+    environment's or the default). It wins over ``$MEGATRON_EXT_SDPA_ENGINE``."""
+    if name is not None and name not in ("cudnn", "flash"):
+        raise ValueError(f"force_engine({name!r}); expected 'cudnn', 'flash' or None")
+    token = _forced.set(name)
+    try:
+        yield
+    finally:
+        _forced.reset(token)
 
 
 def _cpu_fwd(q, k, v, causal, scale):
@@ -159,15 +176,7 @@ class SDPATiles:
         self.lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse)).float()
         self.pad = dlse is not None
         if self.pad:
-            zq = q.new_zeros(1).expand(*q.shape[:-1], _PAD)
-            zk = k.new_zeros(1).expand(*k.shape[:-1], _PAD)
-            q, k, v = torch.cat((q, zq), -1), torch.cat((k, zk), -1), torch.cat((v, zk), -1)
-            extra = torch.zeros(*o.shape[:-1], _PAD, dtype=o.dtype, device=o.device)
-            extra[..., 0] = -dlse.to(o.dtype)
-            o = torch.cat((o, extra), -1)
-            one = torch.zeros_like(extra)
-            one[..., 0] = 1
-            do = torch.cat((do, one), -1)
+            q, k, v, o, do = lse_grad_columns(q, k, v, o, do, dlse, width=_PAD)
         self.gq, self.gk, self.gv, self.do, self.o = q, k, v, do, o
 
     def bwd(self, bsel, r0: int, r1: int, piece: Piece, mask: torch.Tensor | None):

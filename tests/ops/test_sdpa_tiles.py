@@ -16,7 +16,7 @@ import torch
 
 from megatron_ext.ops import block_attention, dual_chunk_attn_func, force_backend
 from megatron_ext.ops.intervals import interval_attention
-from megatron_ext.ops.sdpa_tiles import SDPATiles, sdpa_engine
+from megatron_ext.ops.sdpa_tiles import SDPATiles, force_engine, sdpa_engine
 
 TOL = 2e-5
 
@@ -92,3 +92,15 @@ def test_engine_choice_and_bad_engine(monkeypatch) -> None:
     x = torch.zeros(1, 1, 2, 8)
     with pytest.raises(ValueError, match="engine='nope'"):
         SDPATiles(x, x, x, 1.0, engine="nope")
+
+
+def test_force_engine_wins_over_the_environment(monkeypatch) -> None:
+    cuda = torch.device("cuda")  # the engine choice reads only the device type
+    monkeypatch.setenv("MEGATRON_EXT_SDPA_ENGINE", "flash")
+    assert sdpa_engine(cuda) == "flash"
+    with force_engine("cudnn"):
+        assert sdpa_engine(cuda) == "cudnn"
+        assert sdpa_engine(torch.device("cpu")) == "cpu"
+    assert sdpa_engine(cuda) == "flash"
+    with pytest.raises(ValueError, match="force_engine\\('nope'\\)"), force_engine("nope"):
+        pass
