@@ -42,7 +42,7 @@ def load_plan(path: str | os.PathLike) -> dict:
         raise ValueError(f"plan {path}: missing keys {missing}")
     mix = plan.get("retrieval_mix")
     if mix is not None:
-        if int(mix.get("seed", -1)) == int(plan["seed"]) or "seed" not in mix:
+        if "seed" not in mix or int(mix["seed"]) == int(plan["seed"]):
             raise ValueError(f"plan {path}: retrieval_mix.seed={mix.get('seed')!r}; expected a "
                              f"seed other than the evaluation seed {plan['seed']}")
         if not 0.0 < float(mix.get("weight", 0)) < 1.0 or int(mix.get("docs", 0)) < 1:
