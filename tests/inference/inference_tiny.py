@@ -76,3 +76,18 @@ def tiny_model(overrides: list[str], seed: int = 0, cp: int = 1) -> InferenceMod
         model = build_gpt_model(cfg.model, build_attention(cfg), vocab_size=VOCAB)
     peak_weights(model, seed)
     return from_model(model, cfg)
+
+
+TOKENIZER_VOCAB = 4096  # the shipped tokenizer's, so the CLI can encode text
+
+
+def save_tiny_rope(path) -> tuple[torch.nn.Module, RunConfig]:
+    """Save a tiny RoPE model with peaked weights and the shipped tokenizer's vocabulary at
+    ``path`` (run config beside it); returns (model, config)."""
+    from megatron_ext.checkpoint import save_megatron_checkpoint
+
+    cfg = tiny_config(["attention.variant=rope", "inference.max_seq_len=64"])
+    model = build_gpt_model(cfg.model, cfg.attention, vocab_size=TOKENIZER_VOCAB)
+    peak_weights(model)
+    save_megatron_checkpoint(model, path, config=cfg)
+    return model, cfg

@@ -27,13 +27,12 @@ import sys
 import pytest
 import torch
 import torch.distributed as dist
-from inference_tiny import METHODS, VOCAB, peak_weights, tiny_config, tiny_model
+from inference_tiny import METHODS, VOCAB, save_tiny_rope, tiny_config, tiny_model
 from utils import free_port, launcher_free_env, run_distributed
 
 TOL = 1e-4
 LENS = (19, 11)
 NEW = 6
-TOKENIZER_VOCAB = 4096  # the shipped tokenizer's, so the CLI can encode text
 PROMPT = "Once upon a time there was a little girl who lived in a village near the forest."
 
 CASES = [  # method, layout, cp_algorithm
@@ -131,14 +130,8 @@ def test_longheads_is_refused() -> None:
 @pytest.fixture(scope="module")
 def checkpoint(megatron_single_process, tmp_path_factory):
     """A saved tiny RoPE model with the shipped tokenizer's vocabulary (the CLI encodes text)."""
-    from megatron_ext.checkpoint import save_megatron_checkpoint
-    from megatron_ext.specs import build_gpt_model
-
-    cfg = tiny_config(["attention.variant=rope", "inference.max_seq_len=64"])
-    model = build_gpt_model(cfg.model, cfg.attention, vocab_size=TOKENIZER_VOCAB)
-    peak_weights(model)
     path = tmp_path_factory.mktemp("cp") / "ckpt"
-    save_megatron_checkpoint(model, path, config=cfg)
+    save_tiny_rope(path)
     return path
 
 

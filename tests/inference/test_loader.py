@@ -17,7 +17,7 @@ import sys
 
 import pytest
 import torch
-from inference_tiny import VOCAB, peak_weights, tiny_config
+from inference_tiny import TOKENIZER_VOCAB, VOCAB, peak_weights, save_tiny_rope, tiny_config
 from utils import launcher_free_env
 
 from megatron_ext.checkpoint import CheckpointError, save_megatron_checkpoint
@@ -26,7 +26,6 @@ from megatron_ext.inference import from_model, load_model
 from megatron_ext.inference.loader import build_attention
 from megatron_ext.specs import build_gpt_model
 
-TOKENIZER_VOCAB = 4096  # the shipped tokenizer's, so the CLI can encode text
 LONG = 40  # > K*w, > DCA chunk, > window: every method changes something here
 
 SWITCHES = {
@@ -44,11 +43,8 @@ SWITCHES = {
 @pytest.fixture(scope="module")
 def saved(megatron_single_process, tmp_path_factory):
     """(checkpoint dir, the saved model, its run config) of a tiny RoPE model."""
-    cfg = tiny_config(["attention.variant=rope", "inference.max_seq_len=64"])
-    model = build_gpt_model(cfg.model, cfg.attention, vocab_size=TOKENIZER_VOCAB)
-    peak_weights(model)
     path = tmp_path_factory.mktemp("run") / "step_10"
-    save_megatron_checkpoint(model, path, config=cfg)
+    model, cfg = save_tiny_rope(path)
     return path, model, cfg
 
 
