@@ -181,8 +181,31 @@ L3_CASES = [
 ]
 
 
+@pytest.fixture(params=["union", "gather"])
+def chunk_path(request, monkeypatch):
+    """Run the test on one of the two ways of attending the selected chunks, and check that
+    only that one ran: through the block's union of chunks, or by per-query gather."""
+    import megatron_ext.ops.longheads.interface as lh
+
+    monkeypatch.setattr(lh, "UNION_MAX_CHUNKS", 10**9 if request.param == "union" else 0)
+    calls = {"union": 0, "gather": 0}
+    for name in calls:
+        fn = getattr(lh, f"_{name}_attend")
+
+        def counted(*a, _fn=fn, _name=name):
+            calls[_name] += 1
+            return _fn(*a)
+
+        monkeypatch.setattr(lh, f"_{name}_attend", counted)
+    yield request.param
+    other = "gather" if request.param == "union" else "union"
+    assert calls[request.param] > 0 and calls[other] == 0, calls
+
+
 @pytest.mark.parametrize("B,S,H,Hkv,D,w,K,b_sel,selection,block,dtype", L3_CASES)
-def test_matches_per_query_reference(B, S, H, Hkv, D, w, K, b_sel, selection, block, dtype):
+def test_matches_per_query_reference(
+    B, S, H, Hkv, D, w, K, b_sel, selection, block, dtype, chunk_path
+):
     q, k, v = _qkv(B, S, H, Hkv, D, dtype)
     if B == 2:
         assert not torch.allclose(q[0], q[1])  # batch rows carry different contents
@@ -224,7 +247,7 @@ def test_grad_mode_on_still_runs():
 
 
 @pytest.mark.parametrize("selection", ["head", "group"])
-def test_pieces_on_a_prefix_equal_prefill_rows(selection):
+def test_pieces_on_a_prefix_equal_prefill_rows(selection, chunk_path):
     """Summaries + select + selected_attn on keys 0..p only (as decode would) == prefill row p."""
     B, S, H, Hkv, D, w, K = 2, 50, 4, 2, 32, 4, 4
     q, k, v = _qkv(B, S, H, Hkv, D, torch.float64)

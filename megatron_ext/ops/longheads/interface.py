@@ -31,19 +31,27 @@ __all__ = ["longheads_attn_func", "longheads_selected_attn", "per_document"]
 # size the default query block: 2**25 fp32 elements = 128 MiB.
 _BLOCK_BUDGET = 1 << 25
 _MAX_BLOCK = 256
+# A block whose queries select at most this many distinct chunks between them (per batch row
+# and gather group) attends through their union (``_union_attend``), else by per-query gather.
+UNION_MAX_CHUNKS = 64
 
 
-def _softmax_out(
-    z: torch.Tensor, visible: torch.Tensor, v: torch.Tensor, eq: str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Masked softmax over the last dim of z, then ``einsum(eq, p, v)``; returns (out, lse).
+def _masked_softmax(z: torch.Tensor, visible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax over the last dim of z where ``visible``; returns (p, lse).
 
     A row without visible keys gets p = 0 (so out = 0) and lse = -inf.
     """
     z = z.masked_fill(~visible, float("-inf"))
     lse = torch.logsumexp(z, dim=-1)
     shift = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
-    p = torch.exp(z - shift.unsqueeze(-1))
+    return torch.exp(z - shift.unsqueeze(-1)), lse
+
+
+def _softmax_out(
+    z: torch.Tensor, visible: torch.Tensor, v: torch.Tensor, eq: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masked softmax over the last dim of z, then ``einsum(eq, p, v)``; returns (out, lse)."""
+    p, lse = _masked_softmax(z, visible)
     return torch.einsum(eq, p, v), lse
 
 
@@ -124,27 +132,79 @@ def _attend_chunks(
     nck = kc.shape[0] // (B * Hkv)
     bi = torch.arange(B, device=q.device).view(B, 1, 1, 1) * (Hkv * nck)
     gi = (torch.arange(G, device=q.device) // (G // Hkv)).view(1, G, 1, 1) * nck
-    flat = (bi + gi + chunks_g).reshape(-1)
-    kg = kc.index_select(0, flat).view(B, G, n, K, w, D)
-    vg = vc.index_select(0, flat).view(B, G, n, K * w, D)
+    flat = (bi + gi + chunks_g).reshape(B * G, n * K)  # rows of kc, per (batch, gather group)
     pos = positions.to(q.device).reshape(-1, n).long()  # [1 or B, n]
     t = torch.arange(K, device=q.device)  # slot index t-1
     slot_q = (K - 1 - t) * w + (pos % w).unsqueeze(-1)  # [1 or B, n, K]
     qx = q.to(cd).unsqueeze(2).expand(B, n, K, H, D).reshape(B, n * K, H, D)
     qr = apply_rope(qx, slot_q.reshape(slot_q.shape[0], n * K).squeeze(0), theta=theta)
     qr = qr.reshape(B, n, K, G, H // G, D).permute(0, 3, 4, 1, 2, 5)  # [B, G, rep, n, K, D]
-    z = torch.einsum("bgrnkd,bgnkjd->bgrnkj", qr, kg) * scale
     # Slots before the last are whole chunks; the last (own) chunk is causal, self-inclusive.
     own = torch.arange(w, device=q.device) <= (pos % w).unsqueeze(-1)  # [1 or B, n, w]
     visible = torch.ones(pos.shape[0], 1, 1, n, K, w, dtype=torch.bool, device=q.device)
     visible[..., -1, :] = own[:, None, None]
-    out, lse = _softmax_out(
-        z.reshape(B, G, H // G, n, K * w),
-        visible.reshape(pos.shape[0], 1, 1, n, K * w),
-        vg,
-        "bgrnj,bgnjd->bngrd",
-    )
+    visible = visible.reshape(pos.shape[0], 1, 1, n, K * w)
+    union, where = _chunk_union(flat)
+    if union.shape[1] <= UNION_MAX_CHUNKS:
+        out, lse = _union_attend(qr, kc, vc, union, where, visible, scale)
+    else:
+        out, lse = _gather_attend(qr, kc, vc, flat, visible, scale)
     return out.reshape(B, n, H, D), lse.reshape(B, H, n)
+
+
+def _chunk_union(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Distinct chunk rows per gather group, and where each selection sits among them.
+
+    flat: [R, m] chunk rows (R = batch x gather groups, m = rows x slots). Returns ``union``
+    [R, U] (ascending, padded by repeating its largest entry) and ``where`` [R, m] with
+    ``union.gather(1, where) == flat``.
+    """
+    srt = flat.sort(dim=1).values
+    rank = torch.zeros_like(srt)
+    rank[:, 1:] = (srt[:, 1:] != srt[:, :-1]).cumsum(1)
+    union = srt[:, -1:].expand(-1, int(rank[:, -1].max()) + 1).contiguous()
+    union.scatter_(1, rank, srt)  # equal values write the same entry
+    return union, torch.searchsorted(union, flat)
+
+
+def _gather_attend(
+    qr: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, flat: torch.Tensor,
+    visible: torch.Tensor, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-query gather of the selected chunks: [B, G, n, K, w, D] keys and values."""
+    B, G, rep, n, K, D = qr.shape
+    w = kc.shape[1]
+    kg = kc.index_select(0, flat.reshape(-1)).view(B, G, n, K, w, D)
+    vg = vc.index_select(0, flat.reshape(-1)).view(B, G, n, K * w, D)
+    z = torch.einsum("bgrnkd,bgnkjd->bgrnkj", qr, kg) * scale
+    p, lse = _masked_softmax(z.reshape(B, G, rep, n, K * w), visible)
+    return torch.einsum("bgrnj,bgnjd->bngrd", p, vg), lse
+
+
+def _union_attend(
+    qr: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, union: torch.Tensor,
+    where: torch.Tensor, visible: torch.Tensor, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same attention through the U chunks a block selects between all its queries.
+
+    Every (query, slot) is scored against all U chunks with one matmul and keeps its own
+    chunk's columns; the probabilities are scattered back onto the U chunks for one matmul with
+    their values. U x more multiply-adds than the gather, but D x fewer bytes moved per query,
+    which wins while U is small (``UNION_MAX_CHUNKS``).
+    """
+    B, G, rep, n, K, D = qr.shape
+    w, U = kc.shape[1], union.shape[1]
+    R = B * G
+    ku = kc.index_select(0, union.reshape(-1)).view(R, U * w, D)
+    vu = vc.index_select(0, union.reshape(-1)).view(R, U * w, D)
+    z = torch.matmul(qr.reshape(R, rep * n * K, D), ku.transpose(1, 2)) * scale
+    idx = where.view(R, 1, n, K, 1, 1).expand(R, rep, n, K, 1, w)
+    z = z.view(R, rep, n, K, U, w).gather(4, idx).view(B, G, rep, n, K * w)
+    p, lse = _masked_softmax(z, visible)
+    dense = torch.zeros(R, rep, n, U, w, dtype=p.dtype, device=p.device)
+    dense.scatter_add_(3, idx.view(R, rep, n, K, w), p.view(R, rep, n, K, w))
+    out = torch.matmul(dense.view(R, rep * n, U * w), vu).view(B, G, rep, n, D)
+    return out.permute(0, 3, 1, 2, 4), lse
 
 
 def _plain_block(
