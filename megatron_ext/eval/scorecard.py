@@ -19,14 +19,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import yaml
 
-__all__ = ["load_plan", "main", "render"]
+from megatron_ext.eval.schedule import Job, run_jobs, threads_per_slot
+
+__all__ = ["eval_jobs", "load_plan", "main", "render", "train_jobs"]
 
 PASSKEY_TARGET, PPL_TOLERANCE = 0.95, 0.10
 TARGET_METHODS = ("dca", "longheads", "hybrid")
@@ -59,41 +59,6 @@ def load_plan(path: str | os.PathLike) -> dict:
     return plan
 
 
-def _run(cmd: list[str], log: Path) -> float:
-    t0 = time.perf_counter()
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "w", encoding="utf-8") as f:
-        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, check=False)
-    if proc.returncode:
-        raise RuntimeError(f"{' '.join(cmd)} failed with status {proc.returncode}; see {log}")
-    return time.perf_counter() - t0
-
-
-def train_models(plan: dict, *, force: bool = False) -> None:
-    """Stage 1: train each model without a checkpoint; write train_info.json beside it."""
-    from megatron_ext.eval.runner import hardware_info
-
-    root = Path(plan["runs_dir"])
-    for name, m in plan["models"].items():
-        out = root / name
-        if (out / "checkpoints" / "latest").exists() and not force:
-            continue
-        sets = ["--set", f"train.out_dir={out}"]
-        if m.get("mix_retrieval"):
-            sets += ["--set", _retrieval_blend(plan, root)]
-        for item in m.get("train_set", []):  # e.g. a shorter schedule for a quick plan
-            sets += ["--set", str(item)]
-        nproc = int(m.get("nproc", 1))
-        launch = ([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"]
-                  if nproc > 1 else [sys.executable])
-        cmd = [*launch, "-m", "megatron_ext.train", "--config", m["config"], "--no-progress",
-               *sets, *(["--overwrite"] if force else [])]
-        wall = _run(cmd, root / "logs" / f"train_{name}.log")
-        info = {"config": m["config"], "nproc": nproc, "wall_s": round(wall, 1),
-                "hardware": hardware_info()}
-        (out / "train_info.json").write_text(json.dumps(info, indent=1), encoding="utf-8")
-
-
 def _retrieval_blend(plan: dict, root: Path) -> str:
     """The ``data.blend`` override of a model trained with synthetic passkey documents (written
     once per plan under runs_dir; see ``retrieval_mix.py``)."""
@@ -109,11 +74,64 @@ def _retrieval_blend(plan: dict, root: Path) -> str:
     return f"data.blend=[{{path: embedded, weight: {1 - w:g}}}, {{path: {path}, weight: {w:g}}}]"
 
 
-def evaluate_methods(plan: dict, *, force: bool = False) -> None:
-    """Stage 2: one results JSON per method under runs_dir/results/."""
+def _init_from(m: dict) -> str | None:
+    """The ``train.init_from`` a model's training will use (its config, then its train_set)."""
+    cfg = yaml.safe_load(Path(m["config"]).read_text(encoding="utf-8")) or {}
+    init = (cfg.get("train") or {}).get("init_from")
+    for item in m.get("train_set", []):
+        key, _, value = str(item).partition("=")
+        if key.strip() == "train.init_from":
+            init = value.strip() or None
+    return init
+
+
+def train_jobs(plan: dict, *, force: bool = False) -> list[Job]:
+    """Stage 1 as jobs: train each model without a checkpoint, then write train_info.json.
+
+    A model initialised from another model of the plan (``train.init_from`` naming its
+    directory) waits for that model's training.
+    """
+    from megatron_ext.eval.runner import hardware_info
+
+    root = Path(plan["runs_dir"])
+    dirs = {(root / n).resolve(): n for n in plan["models"]}
+    jobs = []
+    for name, m in plan["models"].items():
+        out = root / name
+        if (out / "checkpoints" / "latest").exists() and not force:
+            continue
+        sets = ["--set", f"train.out_dir={out}"]
+        if m.get("mix_retrieval"):
+            sets += ["--set", _retrieval_blend(plan, root)]
+        for item in m.get("train_set", []):  # e.g. a shorter schedule for a quick plan
+            sets += ["--set", str(item)]
+        nproc = int(m.get("nproc", 1))
+        launch = ([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"]
+                  if nproc > 1 else [sys.executable])
+        cmd = [*launch, "-m", "megatron_ext.train", "--config", m["config"], "--no-progress",
+               *sets, *(["--overwrite"] if force else [])]
+        init = _init_from(m)
+        base = dirs.get(Path(init).resolve()) if init else None
+        after = {f"train {base}"} if base and base != name else set()
+
+        def done(wall: float, out: Path = out, m: dict = m, nproc: int = nproc) -> None:
+            info = {"config": m["config"], "nproc": nproc, "wall_s": round(wall, 1),
+                    "threads": threads_per_slot(plan.get("_jobs", 1)),
+                    "jobs": plan.get("_jobs", 1), "hardware": hardware_info()}
+            (out / "train_info.json").write_text(json.dumps(info, indent=1), encoding="utf-8")
+
+        jobs.append(Job(f"train {name}", cmd, root / "logs" / f"train_{name}.log", ranks=nproc,
+                        after=after, done=done))
+    return jobs
+
+
+def eval_jobs(plan: dict, *, force: bool = False, trained: set[str] = frozenset()) -> list[Job]:
+    """Stage 2 as jobs: one results JSON per method under runs_dir/results/, each waiting for
+    its model when that model is among ``trained`` (the jobs of stage 1)."""
     root = Path(plan["runs_dir"])
     lengths = ",".join(str(plan["train_length"] * k) for k in plan["multiples"])
     ppl = plan.get("ppl", {})
+    jobs = []
     for name, m in plan["methods"].items():
         out = root / "results" / f"{name}.json"
         if out.exists() and not force:
@@ -128,7 +146,9 @@ def evaluate_methods(plan: dict, *, force: bool = False) -> None:
             cmd += ["--ppl-docs", str(ppl["docs"])]
         for s in m.get("set", []):
             cmd += ["--set", s]
-        _run(cmd, root / "logs" / f"eval_{name}.log")
+        after = {f"train {m['model']}"} if m["model"] in trained else set()
+        jobs.append(Job(f"eval {name}", cmd, root / "logs" / f"eval_{name}.log", after=after))
+    return jobs
 
 
 def _pct(x: float | None) -> str:
@@ -240,7 +260,10 @@ def render(plan: dict, out_md: str | os.PathLike = "docs/scorecard.md") -> Path:
         if f.exists():
             info = json.loads(f.read_text(encoding="utf-8"))
             hw = info["hardware"]
-            lines.append(f"| train {name} ({info['nproc']} process(es)) | "
+            how = f"{info['nproc']} process(es)"
+            if "threads" in info:
+                how += f", {info['threads']} thread(s) each, {info['jobs']} job slot(s)"
+            lines.append(f"| train {name} ({how}) | "
                          f"{hw.get('gpu', hw['cpu'])}, {hw['cpu_count']} CPUs | "
                          f"{info['wall_s']:.0f} |")
     for n, r in res.items():
@@ -299,13 +322,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--render-only", action="store_true", help="only rewrite the markdown/plots")
     p.add_argument("--skip-train", action="store_true", help="evaluate existing checkpoints only")
     p.add_argument("--force", action="store_true", help="redo training and evaluation")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="training / evaluation processes at once (a CP run counts its ranks); "
+                        "each gets cores / jobs threads")
     args = p.parse_args(argv)
+    if args.jobs < 1:
+        p.error(f"--jobs {args.jobs}: expected >= 1")
     plan = load_plan(args.plan)
-    plan["_path"] = args.plan
+    plan["_path"], plan["_jobs"] = args.plan, args.jobs
     if not args.render_only:
-        if not args.skip_train:
-            train_models(plan, force=args.force)
-        evaluate_methods(plan, force=args.force)
+        train = [] if args.skip_train else train_jobs(plan, force=args.force)
+        trained = {j.name.removeprefix("train ") for j in train}
+        run_jobs(train + eval_jobs(plan, force=args.force, trained=trained), args.jobs)
     print(f"wrote {render(plan, args.out)}")
 
 
