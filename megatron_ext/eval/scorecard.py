@@ -52,6 +52,10 @@ def load_plan(path: str | os.PathLike) -> dict:
         if m.get("mix_retrieval") and mix is None:
             raise ValueError(f"plan {path}: model {name!r} sets mix_retrieval but the plan has "
                              "no retrieval_mix section")
+        ml = m.get("mix_length")
+        if ml is not None and (not m.get("mix_retrieval") or not isinstance(ml, int) or ml < 32):
+            raise ValueError(f"plan {path}: model {name!r} has mix_length={ml!r}; expected an "
+                             "int >= 32 on a model with mix_retrieval: true")
     for name, m in plan["methods"].items():
         if m.get("model") not in plan["models"]:
             raise ValueError(f"plan {path}: method {name!r} uses model {m.get('model')!r}; "
@@ -59,27 +63,39 @@ def load_plan(path: str | os.PathLike) -> dict:
     return plan
 
 
-def _retrieval_blend(plan: dict, root: Path) -> str:
-    """The ``data.blend`` override of a model trained with synthetic passkey documents (written
-    once per plan under runs_dir; see ``retrieval_mix.py``)."""
+def _retrieval_blend(plan: dict, root: Path, length: int | None = None) -> str:
+    """The ``data.blend`` override of a model trained with synthetic passkey documents of up to
+    ``length`` tokens (default the plan's train_length), written once per (seed, count, length)
+    under runs_dir; see ``retrieval_mix.py``."""
     from megatron_ext.data.tokenizer import load_tokenizer
     from megatron_ext.eval.retrieval_mix import write_retrieval_corpus
 
     mix = plan["retrieval_mix"]
-    path = root / "retrieval_mix.jsonl"
+    seed, docs = int(mix["seed"]), int(mix["docs"])
+    length = int(length or plan["train_length"])
+    path = root / f"retrieval_mix_s{seed}_n{docs}_L{length}.jsonl"
     if not path.exists():
-        write_retrieval_corpus(path, load_tokenizer(None), docs=int(mix["docs"]),
-                               max_length=int(plan["train_length"]), seed=int(mix["seed"]))
+        write_retrieval_corpus(path, load_tokenizer(None), docs=docs, max_length=length,
+                               seed=seed)
     w = float(mix["weight"])
     return f"data.blend=[{{path: embedded, weight: {1 - w:g}}}, {{path: {path}, weight: {w:g}}}]"
+
+
+def _train_set(m: dict) -> list[str]:
+    """A model's ``train_set`` overrides, with nested lists (YAML anchors reused inside a
+    list) flattened in order."""
+    out: list[str] = []
+    for item in m.get("train_set", []):
+        out += [str(x) for x in item] if isinstance(item, list) else [str(item)]
+    return out
 
 
 def _init_from(m: dict) -> str | None:
     """The ``train.init_from`` a model's training will use (its config, then its train_set)."""
     cfg = yaml.safe_load(Path(m["config"]).read_text(encoding="utf-8")) or {}
     init = (cfg.get("train") or {}).get("init_from")
-    for item in m.get("train_set", []):
-        key, _, value = str(item).partition("=")
+    for item in _train_set(m):
+        key, _, value = item.partition("=")
         if key.strip() == "train.init_from":
             init = value.strip() or None
     return init
@@ -102,9 +118,9 @@ def train_jobs(plan: dict, *, force: bool = False) -> list[Job]:
             continue
         sets = ["--set", f"train.out_dir={out}"]
         if m.get("mix_retrieval"):
-            sets += ["--set", _retrieval_blend(plan, root)]
-        for item in m.get("train_set", []):  # e.g. a shorter schedule for a quick plan
-            sets += ["--set", str(item)]
+            sets += ["--set", _retrieval_blend(plan, root, m.get("mix_length"))]
+        for item in _train_set(m):  # e.g. a shorter schedule for a quick plan
+            sets += ["--set", item]
         nproc = int(m.get("nproc", 1))
         launch = ([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"]
                   if nproc > 1 else [sys.executable])
