@@ -45,7 +45,7 @@ def test_render_tables_match_results(checkpoint: Path, tmp_path: Path):
         assert f"| {name} | {100 * pk[0]:.0f} | {100 * pk[1]:.0f} |" in text
         assert (md.parent / "scorecard" / f"passkey_{name}.png").stat().st_size > 1000
     assert (md.parent / "scorecard" / "ppl_vs_length.png").stat().st_size > 1000
-    assert "| hybrid | — | — | not run |" in text
+    assert "| hybrid | — | — | — | not run |" in text
 
 
 def test_plan_with_unknown_model_is_refused(tmp_path: Path):
@@ -55,3 +55,31 @@ def test_plan_with_unknown_model_is_refused(tmp_path: Path):
                                  "models": {"a": {}}, "methods": {"x": {"model": "b"}}}))
     with pytest.raises(ValueError, match="method 'x' uses model 'b'"):
         load_plan(f)
+
+
+@pytest.mark.parametrize("in_dist,pk,ratio,want", [
+    (1.0, 0.95, 1.05, "met"),
+    (1.0, 0.95, 1.20, "missed: perplexity at 16× is 1.20× its 1× value"),
+    (1.0, 0.40, 1.00, "missed: passkey falls from 100% at 1× to 40% at 32×"),
+    (0.50, 0.25, 1.00, "missed: the base model reaches only 50% at 1×, so 95% at 32× is out of "
+                       "reach; at 32× it keeps 50% of its 1× score"),
+    (0.0, 0.0, 0.9, "missed: passkey is 0% already at 1×"),
+    (0.5, 0.6, None, "perplexity not measured at 16×"),
+])
+def test_target_outcome_wording(in_dist, pk, ratio, want):
+    from megatron_ext.eval.scorecard import _target_outcome
+
+    got = _target_outcome(in_dist, pk, ratio)
+    assert got.startswith(want) or f"; {want}" in got, got
+
+
+@pytest.mark.parametrize("in_dist,pk,ratio,want", [
+    (0.8, 0.1, 1.0, "collapses in passkey, as expected (80% at 1×, 10% at 32×)"),
+    (0.0, 0.0, 1.5, "collapses in perplexity, as expected"),
+    (0.0, 0.0, 0.9, "no collapse to show"),
+    (0.8, 0.7, 1.0, "does not collapse"),
+])
+def test_control_outcome_wording(in_dist, pk, ratio, want):
+    from megatron_ext.eval.scorecard import _control_outcome
+
+    assert _control_outcome(in_dist, pk, ratio).startswith(want)
