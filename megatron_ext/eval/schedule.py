@@ -2,11 +2,12 @@
 
 Each `Job` is one command (a training run or one method's evaluation) that needs `ranks` slots
 and may wait for other jobs (an evaluation for its model's training, a continued-pretraining run
-for its base model). `run_jobs` starts every job whose dependencies are done while slots are
-free, one slot per rank, and gives each rank `threads` intra-op threads (``OMP_NUM_THREADS``), so
-two single-threaded jobs on two cores do not fight over them. A failed job stops the run: the
-jobs already started finish, nothing new starts, and the error names the failed command and its
-log.
+for its base model). `run_jobs` starts, in list order, every job whose dependencies are done
+and whose ranks fit in the free slots (a wide job waits while narrower ones fill single free
+slots, and starts once enough are free), and gives each rank `threads` intra-op threads
+(``OMP_NUM_THREADS``), so two single-threaded jobs on two cores do not fight over them. A
+failed job stops the run: the jobs already started finish, nothing new starts, and the error
+names the failed command and its log.
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ def run_jobs(jobs: list[Job], slots: int = 1, *, poll_s: float = 0.2) -> None:
             ready = [] if failed else [j for j in pending if j.after <= finished]
             for j in ready:
                 if used and used + j.ranks > slots:
-                    break  # keep the plan's order: no later job jumps a wide one
+                    continue  # a narrower job later in the list may fit meanwhile
                 pending.remove(j)
                 running[j.name] = (j, *_start(j, threads))
                 used += j.ranks

@@ -48,6 +48,15 @@ def test_dependencies_and_slot_limit(tmp_path: Path) -> None:
     assert {r["threads"] for r in t.values()} == {str(threads_per_slot(2))}
 
 
+def test_narrow_jobs_fill_a_free_slot_before_a_wide_job(tmp_path: Path) -> None:
+    jobs = [_job(tmp_path, "a", sleep=0.8), _job(tmp_path, "wide", ranks=2),
+            _job(tmp_path, "b", sleep=0.2), _job(tmp_path, "c", sleep=0.2)]
+    run_jobs(jobs, slots=2)
+    t = {j.name: _times(tmp_path, j.name) for j in jobs}
+    assert t["b"]["start"] < t["a"]["end"] and t["c"]["start"] < t["a"]["end"]  # backfilled
+    assert t["wide"]["start"] >= max(t["a"]["end"], t["b"]["end"], t["c"]["end"])
+
+
 def test_a_wide_job_runs_alone_when_slots_are_fewer(tmp_path: Path) -> None:
     run_jobs([_job(tmp_path, "cp", ranks=4)], slots=2)
     assert (tmp_path / "cp.json").exists()
