@@ -34,6 +34,12 @@ def test_defaults_and_shipped_configs_load() -> None:
     for path in sorted((REPO / "configs" / "run").glob("*.yaml")):
         cfg = load_config(path)
         assert isinstance(cfg, RunConfig), path
+    models = [p for p in (REPO / "configs" / "eval").glob("*.yaml")
+              if not p.name.startswith("scorecard")]  # the rest are scorecard plans
+    assert models
+    for path in sorted(models):
+        cfg = load_config(path)
+        assert cfg.data.seq_length <= cfg.model.max_position_embeddings, path
 
 
 @pytest.mark.parametrize(
