@@ -247,6 +247,16 @@ def render(plan: dict, out_md: str | os.PathLike = "docs/scorecard.md") -> Path:
         f"Training length T = {T}; evaluation seed {plan['seed']}; {plan['trials']} trial(s) per "
         f"(length, depth) cell over depths {plan['depths']}.", "",
     ]
+    mixed = [f"{n} (128-{m.get('mix_length', T)} tokens)"
+             for n, m in plan["models"].items() if m.get("mix_retrieval")]
+    if mixed:
+        mix = plan["retrieval_mix"]
+        lines += [f"**Trained with synthetic retrieval:** {float(mix['weight']):.0%} of the "
+                  f"training rows of the models {', '.join(mixed)} were passkey documents in the "
+                  f"evaluation's template with the answer, from their own seed {mix['seed']} "
+                  "(docs/eval.md, \"Making retrieval learnable\"). Retrieval scores here are "
+                  "those of models taught the task at T, not of models trained on prose alone.",
+                  ""]
     if missing:
         lines += [f"**Not run yet:** {', '.join(missing)} (no results file under "
                   f"`{root}/results/`). Run the command above to train and evaluate them.", ""]

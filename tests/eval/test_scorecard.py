@@ -32,7 +32,8 @@ def test_render_tables_match_results(checkpoint: Path, tmp_path: Path):
     plan_file.write_text(yaml.safe_dump({
         "train_length": 128, "multiples": [1, 2], "runs_dir": str(runs), "seed": 0,
         "trials": 1, "depths": [0.0, 1.0], "tasks": ["passkey", "ppl"],
-        "models": {"m": {"config": "unused.yaml"}}, "methods": methods}))
+        "retrieval_mix": {"docs": 5, "weight": 0.5, "seed": 3},
+        "models": {"m": {"config": "unused.yaml", "mix_retrieval": True}}, "methods": methods}))
     plan = load_plan(plan_file)
     plan["_path"] = str(plan_file)
     md = render(plan, tmp_path / "docs" / "scorecard.md")
@@ -46,6 +47,8 @@ def test_render_tables_match_results(checkpoint: Path, tmp_path: Path):
         assert (md.parent / "scorecard" / f"passkey_{name}.png").stat().st_size > 1000
     assert (md.parent / "scorecard" / "ppl_vs_length.png").stat().st_size > 1000
     assert "| hybrid | — | — | — | not run |" in text
+    assert ("**Trained with synthetic retrieval:** 50% of the training rows of the models "
+            "m (128-128 tokens) were passkey documents") in text
 
 
 def test_plan_with_unknown_model_is_refused(tmp_path: Path):
