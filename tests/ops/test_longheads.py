@@ -187,7 +187,8 @@ def chunk_path(request, monkeypatch):
     only that one ran: through the block's union of chunks, or by per-query gather."""
     import megatron_ext.ops.longheads.interface as lh
 
-    monkeypatch.setattr(lh, "UNION_MAX_CHUNKS", 10**9 if request.param == "union" else 0)
+    monkeypatch.setattr(lh, "UNION_CHUNKS_PER_HEAD_DIM",
+                        10.0**9 if request.param == "union" else 0.0)
     calls = {"union": 0, "gather": 0}
     for name in calls:
         fn = getattr(lh, f"_{name}_attend")
