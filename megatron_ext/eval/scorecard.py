@@ -183,8 +183,8 @@ def _target_outcome(in_dist: float | None, pk: float, ratio: float | None) -> st
     why = []
     if not pk_ok:
         if not in_dist:
-            why.append("passkey is 0% already at 1×: the base model never learned retrieval at "
-                       "this budget, so there is nothing to extend")
+            why.append("exact-match passkey is 0% already at 1×, so there is nothing to extend "
+                       "at this budget")
         elif in_dist < PASSKEY_TARGET:
             why.append(f"the base model reaches only {_pct(in_dist)}% at 1×, so "
                        f"{PASSKEY_TARGET:.0%} at 32× is out of reach; at 32× it keeps "
@@ -282,21 +282,23 @@ def render(plan: dict, out_md: str | os.PathLike = "docs/scorecard.md") -> Path:
               f"DCA, LongHeads and hybrid: passkey ≥ {PASSKEY_TARGET:.0%} at 32× and perplexity "
               f"within {PPL_TOLERANCE:.0%} of its 1× value up to 16×; the RoPE baseline "
               "should collapse (the control).", "",
-              "| method | passkey 1× | passkey 32× | ppl 16× / 1× | outcome |",
-              "|---|---|---|---|---|"]
+              "| method | passkey 1× | passkey 32× | digits right 1× → 32× | ppl 16× / 1× | "
+              "outcome |", "|---|---|---|---|---|---|"]
     for n in (*TARGET_METHODS, "rope"):
         if n not in res:
-            lines.append(f"| {n} | — | — | — | not run |")
+            lines.append(f"| {n} | — | — | — | — | not run |")
             continue
         pk, in_dist = passkey(n, str(T * 32)), passkey(n, str(T))
+        digits = (f"{_pct(partial(n, str(T), 'digits'))} → "
+                  f"{_pct(partial(n, str(T * 32), 'digits'))}")
         p1, p16 = ppl(n, str(T)), ppl(n, str(T * 16))
         ratio = None if p1 is None or p16 is None else p16 / p1
         if pk is None:
-            lines.append(f"| {n} | {_pct(in_dist)} | — | — | not measured at 32× |")
+            lines.append(f"| {n} | {_pct(in_dist)} | — | {digits} | — | not measured at 32× |")
             continue
         why = (_control_outcome(in_dist, pk, ratio) if n == "rope"
                else _target_outcome(in_dist, pk, ratio))
-        lines.append(f"| {n} | {_pct(in_dist)} | {_pct(pk)} | "
+        lines.append(f"| {n} | {_pct(in_dist)} | {_pct(pk)} | {digits} | "
                      f"{'—' if ratio is None else f'{ratio:.2f}'} | {why} |")
     # runs
     lines += ["", "## Runs: hardware and wall time", "", "| run | hardware | wall time (s) |",

@@ -46,7 +46,7 @@ def test_render_tables_match_results(checkpoint: Path, tmp_path: Path):
         assert f"| {name} | {100 * pk[0]:.0f} | {100 * pk[1]:.0f} |" in text
         assert (md.parent / "scorecard" / f"passkey_{name}.png").stat().st_size > 1000
     assert (md.parent / "scorecard" / "ppl_vs_length.png").stat().st_size > 1000
-    assert "| hybrid | — | — | — | not run |" in text
+    assert "| hybrid | — | — | — | — | not run |" in text
     assert ("**Trained with synthetic retrieval:** 50% of the training rows of the models "
             "m (128-128 tokens) were passkey documents") in text
 
@@ -66,7 +66,7 @@ def test_plan_with_unknown_model_is_refused(tmp_path: Path):
     (1.0, 0.40, 1.00, "missed: passkey falls from 100% at 1× to 40% at 32×"),
     (0.50, 0.25, 1.00, "missed: the base model reaches only 50% at 1×, so 95% at 32× is out of "
                        "reach; at 32× it keeps 50% of its 1× score"),
-    (0.0, 0.0, 0.9, "missed: passkey is 0% already at 1×"),
+    (0.0, 0.0, 0.9, "missed: exact-match passkey is 0% already at 1×"),
     (0.5, 0.6, None, "perplexity not measured at 16×"),
 ])
 def test_target_outcome_wording(in_dist, pk, ratio, want):
