@@ -340,22 +340,37 @@ def render(plan: dict, out_md: str | os.PathLike = "docs/scorecard.md") -> Path:
         fig.savefig(fig_dir / f"passkey_{n}.png")
         plt.close(fig)
         plots.append(f"![passkey {n}]({md.stem}/passkey_{n}.png)")
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
-    for n in res:
-        ys = [ppl(n, L) for L in lengths]
-        if any(y is not None for y in ys):
-            ax.plot(mults, [np.nan if y is None else y for y in ys], marker="o", label=n)
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel(f"evaluation length / T (T = {T})")
-    ax.set_ylabel("perplexity (truncation)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(fig_dir / "ppl_vs_length.png")
-    plt.close(fig)
-    lines += ["", "## Plots", "", f"![perplexity vs length]({md.stem}/ppl_vs_length.png)", "",
-              *plots, ""]
+    def by_length(file: str, ylabel: str, value, log_y: bool, guess: float | None = None):
+        """One line per method over the evaluation lengths (legend outside the axes)."""
+        fig, ax = plt.subplots(figsize=(7.5, 4), dpi=110)
+        for n in res:
+            ys = [value(n, L) for L in lengths]
+            if any(y is not None for y in ys):
+                ax.plot(mults, [np.nan if y is None else y for y in ys], marker="o", label=n)
+        if guess is not None:
+            ax.axhline(guess, color="grey", ls="--", lw=1, label="random digit")
+        ax.set_xscale("log", base=2)
+        if log_y:
+            ax.set_yscale("log")
+        ax.set_xlabel(f"evaluation length / T (T = {T})")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
+        fig.tight_layout()
+        fig.savefig(fig_dir / file)
+        plt.close(fig)
+
+    by_length("ppl_vs_length.png", "perplexity (truncation)", ppl, log_y=True)
+    figs = [f"![perplexity vs length]({md.stem}/ppl_vs_length.png)"]
+    if any(r["tasks"].get("passkey") for r in res.values()):
+        def digits(n: str, L: str) -> float | None:
+            d = partial(n, L, "digits")
+            return None if d is None else 100 * d
+
+        by_length("passkey_digits_vs_length.png", "passkey: digits right (%)", digits,
+                  log_y=False, guess=10.0)
+        figs.append(f"![passkey digits right vs length]({md.stem}/passkey_digits_vs_length.png)")
+    lines += ["", "## Plots", "", *figs, "", *plots, ""]
     tmp = md.with_name(f".{md.name}.tmp")
     tmp.write_text("\n".join(lines), encoding="utf-8")
     os.replace(tmp, md)

@@ -46,6 +46,8 @@ def test_render_tables_match_results(checkpoint: Path, tmp_path: Path):
         assert f"| {name} | {100 * pk[0]:.0f} | {100 * pk[1]:.0f} |" in text
         assert (md.parent / "scorecard" / f"passkey_{name}.png").stat().st_size > 1000
     assert (md.parent / "scorecard" / "ppl_vs_length.png").stat().st_size > 1000
+    assert (md.parent / "scorecard" / "passkey_digits_vs_length.png").stat().st_size > 1000
+    assert "(scorecard/passkey_digits_vs_length.png)" in text
     assert "| hybrid | — | — | — | — | not run |" in text
     assert ("**Trained with synthetic retrieval:** 50% of the training rows of the models "
             "m (128-128 tokens) were passkey documents") in text
