@@ -4,7 +4,7 @@ One block of n = w query rows (what chunked prefill and the whole-sequence op ha
 ``_attend_chunks``) at the end of a 128-chunk sequence. Each query selects chunk 0, its own and
 the previous chunk, and K - 3 chunks drawn from a pool; the pool size sets U, the number of
 distinct chunks the block selects. Both paths run in the same process on the same inputs; the
-table gives milliseconds per block and their ratio, which is what ``UNION_CHUNKS_PER_HEAD_DIM`` in
+table gives milliseconds per block and their ratio, which is what ``_use_union`` in
 ``megatron_ext/ops/longheads/interface.py`` is set from.
 
     python benchmarks/bench_longheads_chunks.py --write
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
              "`python benchmarks/bench_longheads_chunks.py --write`", "",
              "| w | K | D | distinct chunks U | union ms | gather ms | union / gather |",
              "|---|---|---|---|---|---|---|"]
-    saved = lh.UNION_CHUNKS_PER_HEAD_DIM
+    saved = lh._use_union
     try:
         for w, K, D in SHAPES:
             kc = torch.randn(H * nck, w, D, generator=gen)
@@ -76,14 +76,14 @@ def main(argv: list[str] | None = None) -> None:
                 ch = _selection(H, w, K, nck - 1, pool, gen)
                 U = int(lh._chunk_union(ch.reshape(H, -1))[0].shape[1])
                 ms = {}
-                for name, limit in (("union", 1e9), ("gather", 0.0)):
-                    lh.UNION_CHUNKS_PER_HEAD_DIM = limit
+                for name in ("union", "gather"):
+                    lh._use_union = lambda *a, _u=name == "union": _u
                     args = (q, kc, vc, ch, pos, H, w, 1e4, None)
                     ms[name] = 1e3 * _time(lambda args=args: lh._attend_chunks(*args), a.reps)
                 lines.append(f"| {w} | {K} | {D} | {U} | {ms['union']:.1f} | "
                              f"{ms['gather']:.1f} | {ms['union'] / ms['gather']:.2f} |")
     finally:
-        lh.UNION_CHUNKS_PER_HEAD_DIM = saved
+        lh._use_union = saved
     publish("longheads-chunks", "LongHeads chunk attention: union vs gather "
             "(benchmarks/bench_longheads_chunks.py)", lines, a.write)
 

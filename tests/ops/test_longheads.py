@@ -187,8 +187,7 @@ def chunk_path(request, monkeypatch):
     only that one ran: through the block's union of chunks, or by per-query gather."""
     import megatron_ext.ops.longheads.interface as lh
 
-    monkeypatch.setattr(lh, "UNION_CHUNKS_PER_HEAD_DIM",
-                        10.0**9 if request.param == "union" else 0.0)
+    monkeypatch.setattr(lh, "_use_union", lambda *a, _u=request.param == "union": _u)
     calls = {"union": 0, "gather": 0}
     for name in calls:
         fn = getattr(lh, f"_{name}_attend")
@@ -201,6 +200,19 @@ def chunk_path(request, monkeypatch):
     yield request.param
     other = "gather" if request.param == "union" else "union"
     assert calls[request.param] > 0 and calls[other] == 0, calls
+
+
+@pytest.mark.parametrize("U,n,K,D,want", [
+    (7, 128, 4, 64, True),     # chunked prefill on the scorecard model
+    (64, 256, 16, 64, True),
+    (65, 256, 16, 64, False),  # more distinct chunks than D
+    (8, 1, 8, 64, False),      # decode: each chunk read by one query
+    (8, 64, 8, 16, False),     # D = 16: the union is no faster there
+])
+def test_union_rule(U, n, K, D, want):
+    import megatron_ext.ops.longheads.interface as lh
+
+    assert lh._use_union(U, n, K, D) is want
 
 
 @pytest.mark.parametrize("B,S,H,Hkv,D,w,K,b_sel,selection,block,dtype", L3_CASES)

@@ -31,12 +31,19 @@ __all__ = ["longheads_attn_func", "longheads_selected_attn", "per_document"]
 # size the default query block: 2**25 fp32 elements = 128 MiB.
 _BLOCK_BUDGET = 1 << 25
 _MAX_BLOCK = 256
-# A block whose queries select at most this many distinct chunks between them per unit of head
-# dim (per batch row and gather group) attends through their union (``_union_attend``), else by
-# per-query gather. The union's cost grows with U (its [.., K, U, w] logits), the gather's with
-# D (the bytes it copies); on CPU they cross near U = 1.25-1.5 D for D = 16 and 64
-# (benchmarks/bench_longheads_chunks.py).
-UNION_CHUNKS_PER_HEAD_DIM = 1.0
+
+
+def _use_union(U: int, n: int, K: int, D: int) -> bool:
+    """Whether a block of n query rows with K slots that select U distinct chunks between them
+    (per batch row and gather group) attends through their union (``_union_attend``) rather
+    than by per-query gather.
+
+    The union's cost grows with U (its [.., K, U, w] logits), the gather's with D (the bytes it
+    copies). On CPU (benchmarks/bench_longheads_chunks.py, docs/benchmarks.md) the union is
+    4-14x faster at D = 64 and 128 while U is well below D, and no faster at D = 16; for
+    decode-sized blocks (each chunk read by only a few queries) its fixed costs dominate.
+    """
+    return D >= 32 and U <= D and n * K >= 4 * U
 
 
 def _masked_softmax(z: torch.Tensor, visible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -148,7 +155,7 @@ def _attend_chunks(
     visible[..., -1, :] = own[:, None, None]
     visible = visible.reshape(pos.shape[0], 1, 1, n, K * w)
     union, where = _chunk_union(flat)
-    if union.shape[1] <= UNION_CHUNKS_PER_HEAD_DIM * D:
+    if _use_union(union.shape[1], n, K, D):
         out, lse = _union_attend(qr, kc, vc, union, where, visible, scale)
     else:
         out, lse = _gather_attend(qr, kc, vc, flat, visible, scale)
@@ -193,7 +200,7 @@ def _union_attend(
     Every (query, slot) is scored against all U chunks with one matmul and keeps its own
     chunk's columns; the probabilities are scattered back onto the U chunks for one matmul with
     their values. U x more multiply-adds than the gather, but D x fewer bytes moved per query,
-    which wins while U is small against D (``UNION_CHUNKS_PER_HEAD_DIM``).
+    which wins while U is small against D (``_use_union``).
     """
     B, G, rep, n, K, D = qr.shape
     w, U = kc.shape[1], union.shape[1]
