@@ -1,7 +1,7 @@
 """Synthetic passkey documents to blend into training, so small models can learn retrieval.
 
 A model of a few million parameters trained on ~1M tokens of prose never sees a sentence it
-must copy from far back, and scores 0% on passkey at every length (docs/scorecard.md, quick
+must copy from far back, and scores 0% on passkey at every length (docs/scorecard_quick.md, quick
 plan). Blending a share of passkey documents into its training data teaches the skill at the
 training length; the scorecard then measures whether each method carries it to longer
 contexts. The documents use the evaluation's template (``passkey.py``) with the answer
