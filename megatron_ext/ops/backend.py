@@ -42,10 +42,11 @@ import contextvars
 import functools
 import logging
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+
+from megatron_ext.ops.override import forced_choice
 
 __all__ = [
     "BACKENDS",
@@ -195,16 +196,9 @@ def forced_backend() -> str | None:
     return name
 
 
-@contextlib.contextmanager
-def force_backend(name: str | None) -> Iterator[None]:
+def force_backend(name: str | None) -> contextlib.AbstractContextManager[None]:
     """Run the block with every attention call on backend ``name`` (None: automatic choice)."""
-    if name is not None and name not in BACKENDS:
-        raise ValueError(f"force_backend({name!r}); expected one of {BACKENDS} or None")
-    token = _forced.set(name)
-    try:
-        yield
-    finally:
-        _forced.reset(token)
+    return forced_choice(_forced, name, BACKENDS, "force_backend")
 
 
 def resolve_backend(q: torch.Tensor, mask: str, *, need_lse: bool = True) -> str:

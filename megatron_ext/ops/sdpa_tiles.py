@@ -34,12 +34,13 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import torch
 
 from megatron_ext.ops.blockwise import Piece, TorchTiles
 from megatron_ext.ops.cpu_flash import lse_grad_columns
+from megatron_ext.ops.override import forced_choice
 
 __all__ = ["ENGINE_VAR", "SDPA_ENGINES", "SDPATiles", "force_engine", "sdpa_engine"]
 
@@ -65,17 +66,10 @@ def sdpa_engine(device: torch.device) -> str:
     return name
 
 
-@contextlib.contextmanager
-def force_engine(name: str | None) -> Iterator[None]:
+def force_engine(name: str | None) -> contextlib.AbstractContextManager[None]:
     """Plan the block's CUDA interval pieces on engine ``name`` ("cudnn" / "flash"; None: the
     environment's or the default). It wins over ``$MEGATRON_EXT_SDPA_ENGINE``."""
-    if name is not None and name not in ("cudnn", "flash"):
-        raise ValueError(f"force_engine({name!r}); expected 'cudnn', 'flash' or None")
-    token = _forced.set(name)
-    try:
-        yield
-    finally:
-        _forced.reset(token)
+    return forced_choice(_forced, name, ("cudnn", "flash"), "force_engine")
 
 
 def _cpu_fwd(q, k, v, causal, scale):
