@@ -91,14 +91,11 @@ def _train_set(m: dict) -> list[str]:
 
 
 def _init_from(m: dict) -> str | None:
-    """The ``train.init_from`` a model's training will use (its config, then its train_set)."""
-    cfg = yaml.safe_load(Path(m["config"]).read_text(encoding="utf-8")) or {}
-    init = (cfg.get("train") or {}).get("init_from")
-    for item in _train_set(m):
-        key, _, value = item.partition("=")
-        if key.strip() == "train.init_from":
-            init = value.strip() or None
-    return init
+    """The ``train.init_from`` a model's training will use: its config with its train_set
+    applied by the same loader training uses."""
+    from megatron_ext.config import load_config
+
+    return load_config(m["config"], _train_set(m)).train.init_from
 
 
 def train_jobs(plan: dict, *, force: bool = False) -> list[Job]:
