@@ -154,12 +154,26 @@ def _attend_chunks(
     visible = torch.ones(pos.shape[0], 1, 1, n, K, w, dtype=torch.bool, device=q.device)
     visible[..., -1, :] = own[:, None, None]
     visible = visible.reshape(pos.shape[0], 1, 1, n, K * w)
-    union, where = _chunk_union(flat)
-    if _use_union(union.shape[1], n, K, D):
-        out, lse = _union_attend(qr, kc, vc, union, where, visible, scale)
+    plan = _union_plan(flat, n, K, D)
+    if plan is not None:
+        out, lse = _union_attend(qr, kc, vc, *plan, visible, scale)
     else:
         out, lse = _gather_attend(qr, kc, vc, flat, visible, scale)
     return out.reshape(B, n, H, D), lse.reshape(B, H, n)
+
+
+def _union_plan(
+    flat: torch.Tensor, n: int, K: int, D: int
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``_chunk_union(flat)`` when the block should attend through it, else None.
+
+    Each query selects K distinct chunks, so U >= K, and ``_use_union`` only gets stricter as
+    U grows: when it refuses U = K (decode steps, small head dims) the sort is skipped.
+    """
+    if not _use_union(K, n, K, D):
+        return None
+    union, where = _chunk_union(flat)
+    return (union, where) if _use_union(union.shape[1], n, K, D) else None
 
 
 def _chunk_union(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
